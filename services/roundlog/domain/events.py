@@ -1,0 +1,258 @@
+"""The event types of the log: one frozen dataclass per Avro schema in ``schemas/``.
+
+Field names and types mirror the schemas one to one, so the codec can convert a
+decoded Avro record into these classes by name. Times are timezone-aware UTC
+datetimes with millisecond precision (Avro ``timestamp-millis``).
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+#: Namespace of every deterministic id roundlog derives (UUIDv5).
+ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "roundlog.v1")
+
+
+def derived_id(*parts: str) -> str:
+    """A deterministic id, so a re-emission after a crash is recognisably the same."""
+    return str(uuid.uuid5(ID_NAMESPACE, "/".join(parts)))
+
+
+class Task(enum.StrEnum):
+    TRAINING = "training"
+    VALIDATION = "validation"
+    INFERENCE = "inference"
+
+
+class ClientRole(enum.StrEnum):
+    TRAINER = "trainer"
+    VALIDATOR = "validator"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundConfig:
+    """How a round runs; the defaults are FEDn's, except where noted."""
+
+    round_timeout: float = 180.0
+    buffer_size: int = -1
+    clients_required: int = 1
+    max_clients: int = -1
+    min_updates: int = 1
+    aggregator: str = "fedavg"
+    aggregator_kwargs: str = "{}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ArraySpec:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorRef:
+    """Where the chunks of one list of named arrays live on the tensors topic."""
+
+    key: str
+    partition: int
+    first_offset: int
+    last_offset: int
+    chunks: int
+    nbytes: int
+    sha256: str
+    arrays: tuple[ArraySpec, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SessionStarted:
+    event_id: str
+    occurred_at: datetime
+    session_id: str
+    name: str = ""
+    rounds: int
+    initial_model_id: str
+    round_config: RoundConfig
+    validate_each_round: bool = False
+    stop_on_failure: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundRequested:
+    event_id: str
+    occurred_at: datetime
+    session_id: str
+    round_id: str
+    round_no: int
+    task: Task
+    model_id: str
+    config: RoundConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelStaged:
+    event_id: str
+    occurred_at: datetime
+    session_id: str
+    round_id: str
+    model_id: str
+    sha256: str
+    nbytes: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientsAssigned:
+    event_id: str
+    occurred_at: datetime
+    session_id: str
+    round_id: str
+    client_ids: tuple[str, ...]
+    deadline: datetime
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpdateReceived:
+    event_id: str
+    occurred_at: datetime
+    session_id: str
+    round_id: str
+    client_id: str
+    update_id: str
+    num_examples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    tensor: TensorRef
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpdateRejected:
+    """An update the machine accepted whose tensors the aggregator could not fold."""
+
+    event_id: str
+    occurred_at: datetime
+    session_id: str
+    round_id: str
+    client_id: str
+    update_id: str
+    reason: str
+    detail: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ValidationReceived:
+    event_id: str
+    occurred_at: datetime
+    session_id: str
+    round_id: str
+    client_id: str
+    model_id: str
+    num_examples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PredictionReceived:
+    event_id: str
+    occurred_at: datetime
+    session_id: str
+    round_id: str
+    client_id: str
+    model_id: str
+    summary: str = ""
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundTimedOut:
+    event_id: str
+    occurred_at: datetime
+    session_id: str
+    round_id: str
+    deadline: datetime
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundAggregated:
+    event_id: str
+    occurred_at: datetime
+    session_id: str
+    round_id: str
+    model_id: str
+    parent_model_id: str
+    tensor: TensorRef
+    optimizer_state: TensorRef | None = None
+    update_ids: tuple[str, ...]
+    total_weight: float
+    time_model_load: float = 0.0
+    time_aggregation: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundFailed:
+    event_id: str
+    occurred_at: datetime
+    session_id: str
+    round_id: str
+    reason: str
+    detail: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SessionFinished:
+    event_id: str
+    occurred_at: datetime
+    session_id: str
+    succeeded: bool
+    reason: str = ""
+    final_model_id: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientHeartbeat:
+    event_id: str
+    occurred_at: datetime
+    client_id: str
+    roles: tuple[ClientRole, ...]
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+RoundEvent = (
+    RoundRequested
+    | ModelStaged
+    | ClientsAssigned
+    | UpdateReceived
+    | UpdateRejected
+    | ValidationReceived
+    | PredictionReceived
+    | RoundTimedOut
+    | RoundAggregated
+    | RoundFailed
+)
+SessionEvent = SessionStarted | SessionFinished
+Event = SessionEvent | RoundEvent | ClientHeartbeat
+
+#: Every event class, in the order of the design's table; the codec maps them to schemas by name.
+EVENT_TYPES: tuple[type[Event], ...] = (
+    SessionStarted,
+    RoundRequested,
+    ModelStaged,
+    ClientsAssigned,
+    UpdateReceived,
+    UpdateRejected,
+    ValidationReceived,
+    PredictionReceived,
+    RoundTimedOut,
+    RoundAggregated,
+    RoundFailed,
+    SessionFinished,
+    ClientHeartbeat,
+)
+
+
+def partition_key(event: Event) -> str:
+    """Events of one session share a partition; heartbeats are keyed by client."""
+    if isinstance(event, ClientHeartbeat):
+        return event.client_id
+    return event.session_id
