@@ -1,0 +1,372 @@
+"""The round machine: one round folded from its ordered events.
+
+Every decision the design gives the fold lives in ``ROUND_RULES``: whether an
+update is accepted, when the round closes, when a timeout fails it. Nothing here
+reads a clock; the deadline is an event like any other.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from roundlog.domain.events import (
+    ClientsAssigned,
+    ModelStaged,
+    PredictionReceived,
+    RoundAggregated,
+    RoundConfig,
+    RoundFailed,
+    RoundRequested,
+    RoundTimedOut,
+    Task,
+    UpdateReceived,
+    UpdateRejected,
+    ValidationReceived,
+)
+from roundlog.domain.rules import (
+    Branch,
+    Condition,
+    Effect,
+    Guard,
+    Reason,
+    Refusal,
+    Rule,
+    index,
+)
+
+
+class RoundState(enum.StrEnum):
+    REQUESTED = "requested"
+    STAGED = "staged"
+    COLLECTING = "collecting"
+    CLOSED = "closed"
+    AGGREGATED = "aggregated"
+    FAILED = "failed"
+    COMPLETED = "completed"
+
+
+TERMINAL = frozenset({RoundState.AGGREGATED, RoundState.FAILED, RoundState.COMPLETED})
+
+Result = ValidationReceived | PredictionReceived
+
+
+@dataclass
+class Round:
+    """What the log says about one round so far."""
+
+    round_id: str
+    session_id: str
+    round_no: int
+    task: Task
+    base_model_id: str
+    config: RoundConfig
+    state: RoundState = RoundState.REQUESTED
+    assigned: tuple[str, ...] = ()
+    deadline: datetime | None = None
+    #: accepted training updates by update id, in log order: the aggregation order
+    accepted: dict[str, UpdateReceived] = field(default_factory=dict)
+    #: accepted updates whose tensors the aggregator refused, with the reason
+    unusable: dict[str, str] = field(default_factory=dict)
+    #: validation or prediction results by client, in log order
+    results: dict[str, Result] = field(default_factory=dict)
+    seen_update_ids: set[str] = field(default_factory=set)
+    timed_out: bool = False
+    aggregated: RoundAggregated | None = None
+    fail_reason: str = ""
+    changed_at: dict[RoundState, datetime] = field(default_factory=dict)
+
+    @classmethod
+    def requested(cls, event: RoundRequested) -> Round:
+        return cls(
+            round_id=event.round_id,
+            session_id=event.session_id,
+            round_no=event.round_no,
+            task=event.task,
+            base_model_id=event.model_id,
+            config=event.config,
+            changed_at={RoundState.REQUESTED: event.occurred_at},
+        )
+
+    @property
+    def buffer_target(self) -> int:
+        """Accepted updates that close the round: buffer_size, capped at the assigned clients."""
+        n_assigned = len(self.assigned)
+        if self.config.buffer_size < 0:
+            return n_assigned
+        return min(self.config.buffer_size, n_assigned)
+
+    @property
+    def reported_clients(self) -> set[str]:
+        return {update.client_id for update in self.accepted.values()} | set(
+            self.results
+        )
+
+    @property
+    def usable_updates(self) -> list[UpdateReceived]:
+        return [u for uid, u in self.accepted.items() if uid not in self.unusable]
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state in TERMINAL
+
+
+# --- guards -------------------------------------------------------------------------------------
+
+
+def _model_matches(r: Round, e: ModelStaged) -> Refusal | None:
+    if e.model_id != r.base_model_id:
+        return Refusal(
+            Reason.WRONG_MODEL, f"staged {e.model_id}, round is on {r.base_model_id}"
+        )
+    return None
+
+
+def _enough_clients(r: Round, e: ClientsAssigned) -> Refusal | None:
+    needed = max(1, r.config.clients_required)
+    if len(set(e.client_ids)) < needed:
+        return Refusal(
+            Reason.TOO_FEW_CLIENTS,
+            f"{len(set(e.client_ids))} assigned, {needed} required",
+        )
+    return None
+
+
+def _task_is(task: Task) -> Guard:
+    def guard(r: Round, e: object) -> Refusal | None:
+        if r.task != task:
+            return Refusal(Reason.WRONG_TASK, f"{type(e).__name__} in a {r.task} round")
+        return None
+
+    return guard
+
+
+def _assigned(r: Round, e: UpdateReceived | Result) -> Refusal | None:
+    if e.client_id not in r.assigned:
+        return Refusal(
+            Reason.NOT_ASSIGNED, f"client {e.client_id} was not assigned to this round"
+        )
+    return None
+
+
+def _new_update_id(r: Round, e: UpdateReceived) -> Refusal | None:
+    if e.update_id in r.seen_update_ids:
+        return Refusal(Reason.DUPLICATE, f"update {e.update_id} was already received")
+    return None
+
+
+def _first_from_client(r: Round, e: UpdateReceived | Result) -> Refusal | None:
+    if e.client_id in r.reported_clients:
+        return Refusal(
+            Reason.DUPLICATE, f"client {e.client_id} already reported in this round"
+        )
+    return None
+
+
+def _on_round_model(r: Round, e: Result) -> Refusal | None:
+    if e.model_id != r.base_model_id:
+        return Refusal(
+            Reason.WRONG_MODEL,
+            f"result for {e.model_id}, round is on {r.base_model_id}",
+        )
+    return None
+
+
+def _folds_accepted_updates(r: Round, e: RoundAggregated) -> Refusal | None:
+    usable = {u.update_id for u in r.usable_updates}
+    foreign = [uid for uid in e.update_ids if uid not in usable]
+    if foreign:
+        return Refusal(
+            Reason.UNKNOWN_UPDATE,
+            f"aggregate folds updates the round did not accept: {foreign}",
+        )
+    if e.parent_model_id != r.base_model_id:
+        return Refusal(
+            Reason.WRONG_MODEL,
+            f"aggregate of {e.parent_model_id}, round is on {r.base_model_id}",
+        )
+    return None
+
+
+def _rejectable(r: Round, e: UpdateRejected) -> Refusal | None:
+    if e.update_id not in r.accepted:
+        return Refusal(
+            Reason.UNKNOWN_UPDATE, f"update {e.update_id} was never accepted"
+        )
+    if e.update_id in r.unusable:
+        return Refusal(Reason.DUPLICATE, f"update {e.update_id} was already rejected")
+    if r.aggregated is not None and e.update_id in r.aggregated.update_ids:
+        return Refusal(
+            Reason.ILLEGAL, f"update {e.update_id} is already part of the aggregate"
+        )
+    return None
+
+
+# --- effects ------------------------------------------------------------------------------------
+
+
+def _assign(r: Round, e: ClientsAssigned) -> None:
+    r.assigned = tuple(dict.fromkeys(e.client_ids))
+    r.deadline = e.deadline
+
+
+def _accept_update(r: Round, e: UpdateReceived) -> None:
+    r.seen_update_ids.add(e.update_id)
+    r.accepted[e.update_id] = e
+
+
+def _record_result(r: Round, e: Result) -> None:
+    r.results[e.client_id] = e
+
+
+def _mark_unusable(r: Round, e: UpdateRejected) -> None:
+    r.unusable[e.update_id] = e.reason
+
+
+def _time_out(r: Round, _e: RoundTimedOut) -> None:
+    r.timed_out = True
+    if not (_timeout_closes(r) or _timeout_completes(r)):
+        r.fail_reason = "too_few_updates"
+
+
+def _record_aggregate(r: Round, e: RoundAggregated) -> None:
+    r.aggregated = e
+
+
+def _record_failure(r: Round, e: RoundFailed) -> None:
+    r.fail_reason = e.reason
+
+
+# --- conditions ---------------------------------------------------------------------------------
+
+
+def _buffer_full(r: Round) -> bool:
+    return len(r.accepted) >= r.buffer_target
+
+
+def _all_reported(r: Round) -> bool:
+    return len(r.results) >= len(r.assigned)
+
+
+def _enough_updates(r: Round) -> bool:
+    return len(r.accepted) >= r.config.min_updates
+
+
+def _enough_results(r: Round) -> bool:
+    return len(r.results) >= r.config.min_updates
+
+
+def _is_training(r: Round) -> bool:
+    return r.task == Task.TRAINING
+
+
+def _timeout_closes(r: Round) -> bool:
+    return _is_training(r) and _enough_updates(r)
+
+
+def _timeout_completes(r: Round) -> bool:
+    return not _is_training(r) and _enough_results(r)
+
+
+S = RoundState
+_COLLECTED = (S.CLOSED, S.AGGREGATED, S.FAILED, S.COMPLETED)
+_BEFORE_COLLECTING = (S.REQUESTED, S.STAGED)
+_RESULTS = (UpdateReceived, ValidationReceived, PredictionReceived)
+
+
+def _receive(
+    event: type,
+    task: Task,
+    guards: tuple[Guard, ...],
+    effect: Effect,
+    done: Condition,
+    label: str,
+) -> Rule[RoundState]:
+    """A result arriving while collecting: admitted by the guards, then maybe the last one needed."""
+    finished = S.CLOSED if task == Task.TRAINING else S.COMPLETED
+    return Rule(
+        S.COLLECTING,
+        event,
+        guards=(_task_is(task), _assigned, *guards),
+        effect=effect,
+        branches=(Branch(finished, done, label), Branch(S.COLLECTING)),
+    )
+
+
+ROUND_RULES: tuple[Rule[RoundState], ...] = (
+    Rule(
+        S.REQUESTED, ModelStaged, guards=(_model_matches,), branches=(Branch(S.STAGED),)
+    ),
+    Rule(
+        S.REQUESTED, RoundFailed, effect=_record_failure, branches=(Branch(S.FAILED),)
+    ),
+    Rule(
+        S.STAGED,
+        ClientsAssigned,
+        guards=(_enough_clients,),
+        effect=_assign,
+        branches=(Branch(S.COLLECTING),),
+    ),
+    Rule(S.STAGED, RoundFailed, effect=_record_failure, branches=(Branch(S.FAILED),)),
+    _receive(
+        UpdateReceived,
+        Task.TRAINING,
+        (_new_update_id, _first_from_client),
+        _accept_update,
+        _buffer_full,
+        "buffer full",
+    ),
+    _receive(
+        ValidationReceived,
+        Task.VALIDATION,
+        (_on_round_model, _first_from_client),
+        _record_result,
+        _all_reported,
+        "all reported",
+    ),
+    _receive(
+        PredictionReceived,
+        Task.INFERENCE,
+        (_on_round_model, _first_from_client),
+        _record_result,
+        _all_reported,
+        "all reported",
+    ),
+    Rule(
+        S.COLLECTING,
+        RoundTimedOut,
+        effect=_time_out,
+        branches=(
+            Branch(S.CLOSED, _timeout_closes, "enough updates"),
+            Branch(S.COMPLETED, _timeout_completes, "enough results"),
+            Branch(S.FAILED, label="too few updates"),
+        ),
+    ),
+    Rule(
+        S.COLLECTING, RoundFailed, effect=_record_failure, branches=(Branch(S.FAILED),)
+    ),
+    Rule(
+        S.CLOSED,
+        RoundAggregated,
+        guards=(_folds_accepted_updates,),
+        effect=_record_aggregate,
+        branches=(Branch(S.AGGREGATED),),
+    ),
+    Rule(S.CLOSED, RoundFailed, effect=_record_failure, branches=(Branch(S.FAILED),)),
+    *(
+        Rule(
+            s,
+            UpdateRejected,
+            guards=(_rejectable,),
+            effect=_mark_unusable,
+            branches=(Branch(s),),
+        )
+        for s in (S.COLLECTING, S.CLOSED, S.AGGREGATED, S.FAILED)
+    ),
+    *(Rule(s, e, refuse=Reason.LATE) for s in _COLLECTED for e in _RESULTS),
+    *(Rule(s, e, refuse=Reason.EARLY) for s in _BEFORE_COLLECTING for e in _RESULTS),
+    *(Rule(s, RoundTimedOut, refuse=Reason.STALE) for s in _COLLECTED),
+)
+
+ROUND_TABLE = index(ROUND_RULES)

@@ -1,0 +1,189 @@
+"""Readable event scripts for tests: each call is the next event of a session, one second later."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime, timedelta
+
+from roundlog.domain.events import (
+    ArraySpec,
+    ClientHeartbeat,
+    ClientRole,
+    ClientsAssigned,
+    ModelStaged,
+    PredictionReceived,
+    RoundAggregated,
+    RoundConfig,
+    RoundFailed,
+    RoundRequested,
+    RoundTimedOut,
+    SessionFinished,
+    SessionStarted,
+    Task,
+    TensorRef,
+    UpdateReceived,
+    UpdateRejected,
+    ValidationReceived,
+)
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def tensor_ref(key: str) -> TensorRef:
+    return TensorRef(
+        key=key,
+        partition=0,
+        first_offset=0,
+        last_offset=0,
+        chunks=1,
+        nbytes=16,
+        sha256="0" * 64,
+        arrays=(ArraySpec(name="w", dtype="float32", shape=(2, 2)),),
+    )
+
+
+class Script:
+    """Builds the events of one session with distinct ids and increasing times."""
+
+    def __init__(
+        self, session_id: str = "s1", config: RoundConfig | None = None
+    ) -> None:
+        self.session_id = session_id
+        self.config = config or RoundConfig(round_timeout=60, buffer_size=2)
+        self._ticks = itertools.count(1)
+        self._ids = itertools.count(1)
+
+    def _stamp(self) -> dict[str, object]:
+        return {
+            "event_id": f"{self.session_id}-e{next(self._ids)}",
+            "occurred_at": T0 + timedelta(seconds=next(self._ticks)),
+            "session_id": self.session_id,
+        }
+
+    def started(
+        self, rounds: int = 1, model_id: str = "m0", **options: object
+    ) -> SessionStarted:
+        return SessionStarted(
+            **self._stamp(),
+            rounds=rounds,
+            initial_model_id=model_id,
+            round_config=self.config,
+            **options,
+        )  # type: ignore[arg-type]
+
+    def requested(
+        self,
+        round_id: str = "r1",
+        task: Task = Task.TRAINING,
+        model_id: str = "m0",
+        round_no: int = 1,
+        **config: object,
+    ) -> RoundRequested:
+        cfg = RoundConfig(**{**self.config.__dict__, **config})  # type: ignore[arg-type]
+        return RoundRequested(
+            **self._stamp(),
+            round_id=round_id,
+            round_no=round_no,
+            task=task,
+            model_id=model_id,
+            config=cfg,
+        )  # type: ignore[arg-type]
+
+    def staged(self, round_id: str = "r1", model_id: str = "m0") -> ModelStaged:
+        return ModelStaged(
+            **self._stamp(),
+            round_id=round_id,
+            model_id=model_id,
+            sha256="0" * 64,
+            nbytes=16,
+        )  # type: ignore[arg-type]
+
+    def assigned(
+        self, round_id: str = "r1", clients: tuple[str, ...] = ("a", "b", "c")
+    ) -> ClientsAssigned:
+        return ClientsAssigned(
+            **self._stamp(),
+            round_id=round_id,
+            client_ids=clients,
+            deadline=T0 + timedelta(hours=1),
+        )  # type: ignore[arg-type]
+
+    def update(
+        self, client: str, round_id: str = "r1", update_id: str | None = None
+    ) -> UpdateReceived:
+        uid = update_id or f"u-{round_id}-{client}"
+        return UpdateReceived(
+            **self._stamp(),
+            round_id=round_id,
+            client_id=client,
+            update_id=uid,
+            num_examples=10,
+            tensor=tensor_ref(uid),
+        )  # type: ignore[arg-type]
+
+    def rejected(
+        self, client: str, round_id: str = "r1", reason: str = "non_finite"
+    ) -> UpdateRejected:
+        return UpdateRejected(
+            **self._stamp(),
+            round_id=round_id,
+            client_id=client,
+            update_id=f"u-{round_id}-{client}",
+            reason=reason,
+        )  # type: ignore[arg-type]
+
+    def validation(
+        self, client: str, round_id: str = "r1", model_id: str = "m0"
+    ) -> ValidationReceived:
+        return ValidationReceived(
+            **self._stamp(),
+            round_id=round_id,
+            client_id=client,
+            model_id=model_id,
+            num_examples=5,
+            metrics={"acc": 0.5},
+        )  # type: ignore[arg-type]
+
+    def prediction(
+        self, client: str, round_id: str = "r1", model_id: str = "m0"
+    ) -> PredictionReceived:
+        return PredictionReceived(
+            **self._stamp(), round_id=round_id, client_id=client, model_id=model_id
+        )  # type: ignore[arg-type]
+
+    def timed_out(self, round_id: str = "r1") -> RoundTimedOut:
+        return RoundTimedOut(
+            **self._stamp(), round_id=round_id, deadline=T0 + timedelta(hours=1)
+        )  # type: ignore[arg-type]
+
+    def aggregated(
+        self,
+        round_id: str = "r1",
+        update_ids: tuple[str, ...] = (),
+        model_id: str = "m1",
+        parent: str = "m0",
+    ) -> RoundAggregated:
+        return RoundAggregated(
+            **self._stamp(),
+            round_id=round_id,
+            model_id=model_id,
+            parent_model_id=parent,
+            tensor=tensor_ref(model_id),
+            update_ids=update_ids,
+            total_weight=10.0 * len(update_ids),
+        )  # type: ignore[arg-type]
+
+    def failed(
+        self, round_id: str = "r1", reason: str = "model_missing"
+    ) -> RoundFailed:
+        return RoundFailed(**self._stamp(), round_id=round_id, reason=reason)  # type: ignore[arg-type]
+
+    def finished(self, succeeded: bool = True) -> SessionFinished:
+        return SessionFinished(**self._stamp(), succeeded=succeeded)  # type: ignore[arg-type]
+
+    def heartbeat(self, client: str, *roles: ClientRole) -> ClientHeartbeat:
+        stamp = self._stamp()
+        del stamp["session_id"]
+        return ClientHeartbeat(
+            **stamp, client_id=client, roles=roles or (ClientRole.TRAINER,)
+        )  # type: ignore[arg-type]
