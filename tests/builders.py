@@ -45,9 +45,7 @@ def tensor_ref(key: str) -> TensorRef:
 class Script:
     """Builds the events of one session with distinct ids and increasing times."""
 
-    def __init__(
-        self, session_id: str = "s1", config: RoundConfig | None = None
-    ) -> None:
+    def __init__(self, session_id: str = "s1", config: RoundConfig | None = None) -> None:
         self.session_id = session_id
         self.config = config or RoundConfig(round_timeout=60, buffer_size=2)
         self._ticks = itertools.count(1)
@@ -60,13 +58,12 @@ class Script:
             "session_id": self.session_id,
         }
 
-    def started(
-        self, rounds: int = 1, model_id: str = "m0", **options: object
-    ) -> SessionStarted:
+    def started(self, rounds: int = 1, model_id: str = "m0", **options: object) -> SessionStarted:
         return SessionStarted(
             **self._stamp(),
             rounds=rounds,
             initial_model_id=model_id,
+            initial_model=tensor_ref(model_id),
             round_config=self.config,
             **options,
         )  # type: ignore[arg-type]
@@ -98,9 +95,7 @@ class Script:
             nbytes=16,
         )  # type: ignore[arg-type]
 
-    def assigned(
-        self, round_id: str = "r1", clients: tuple[str, ...] = ("a", "b", "c")
-    ) -> ClientsAssigned:
+    def assigned(self, round_id: str = "r1", clients: tuple[str, ...] = ("a", "b", "c")) -> ClientsAssigned:
         return ClientsAssigned(
             **self._stamp(),
             round_id=round_id,
@@ -108,9 +103,7 @@ class Script:
             deadline=T0 + timedelta(hours=1),
         )  # type: ignore[arg-type]
 
-    def update(
-        self, client: str, round_id: str = "r1", update_id: str | None = None
-    ) -> UpdateReceived:
+    def update(self, client: str, round_id: str = "r1", update_id: str | None = None) -> UpdateReceived:
         uid = update_id or f"u-{round_id}-{client}"
         return UpdateReceived(
             **self._stamp(),
@@ -121,9 +114,7 @@ class Script:
             tensor=tensor_ref(uid),
         )  # type: ignore[arg-type]
 
-    def rejected(
-        self, client: str, round_id: str = "r1", reason: str = "non_finite"
-    ) -> UpdateRejected:
+    def rejected(self, client: str, round_id: str = "r1", reason: str = "non_finite") -> UpdateRejected:
         return UpdateRejected(
             **self._stamp(),
             round_id=round_id,
@@ -132,9 +123,7 @@ class Script:
             reason=reason,
         )  # type: ignore[arg-type]
 
-    def validation(
-        self, client: str, round_id: str = "r1", model_id: str = "m0"
-    ) -> ValidationReceived:
+    def validation(self, client: str, round_id: str = "r1", model_id: str = "m0") -> ValidationReceived:
         return ValidationReceived(
             **self._stamp(),
             round_id=round_id,
@@ -144,17 +133,11 @@ class Script:
             metrics={"acc": 0.5},
         )  # type: ignore[arg-type]
 
-    def prediction(
-        self, client: str, round_id: str = "r1", model_id: str = "m0"
-    ) -> PredictionReceived:
-        return PredictionReceived(
-            **self._stamp(), round_id=round_id, client_id=client, model_id=model_id
-        )  # type: ignore[arg-type]
+    def prediction(self, client: str, round_id: str = "r1", model_id: str = "m0") -> PredictionReceived:
+        return PredictionReceived(**self._stamp(), round_id=round_id, client_id=client, model_id=model_id)  # type: ignore[arg-type]
 
     def timed_out(self, round_id: str = "r1") -> RoundTimedOut:
-        return RoundTimedOut(
-            **self._stamp(), round_id=round_id, deadline=T0 + timedelta(hours=1)
-        )  # type: ignore[arg-type]
+        return RoundTimedOut(**self._stamp(), round_id=round_id, deadline=T0 + timedelta(hours=1))  # type: ignore[arg-type]
 
     def aggregated(
         self,
@@ -173,9 +156,7 @@ class Script:
             total_weight=10.0 * len(update_ids),
         )  # type: ignore[arg-type]
 
-    def failed(
-        self, round_id: str = "r1", reason: str = "model_missing"
-    ) -> RoundFailed:
+    def failed(self, round_id: str = "r1", reason: str = "model_missing") -> RoundFailed:
         return RoundFailed(**self._stamp(), round_id=round_id, reason=reason)  # type: ignore[arg-type]
 
     def finished(self, succeeded: bool = True) -> SessionFinished:
@@ -184,6 +165,4 @@ class Script:
     def heartbeat(self, client: str, *roles: ClientRole) -> ClientHeartbeat:
         stamp = self._stamp()
         del stamp["session_id"]
-        return ClientHeartbeat(
-            **stamp, client_id=client, roles=roles or (ClientRole.TRAINER,)
-        )  # type: ignore[arg-type]
+        return ClientHeartbeat(**stamp, client_id=client, roles=roles or (ClientRole.TRAINER,))  # type: ignore[arg-type]

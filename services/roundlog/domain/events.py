@@ -68,6 +68,17 @@ class TensorRef:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ModelImported:
+    """A model brought in from outside (a file, a service), so sessions can start from it."""
+
+    event_id: str
+    occurred_at: datetime
+    model_id: str
+    name: str = ""
+    tensor: TensorRef
+
+
+@dataclass(frozen=True, kw_only=True)
 class SessionStarted:
     event_id: str
     occurred_at: datetime
@@ -75,6 +86,7 @@ class SessionStarted:
     name: str = ""
     rounds: int
     initial_model_id: str
+    initial_model: TensorRef
     round_config: RoundConfig
     validate_each_round: bool = False
     stop_on_failure: bool = True
@@ -231,10 +243,11 @@ RoundEvent = (
     | RoundFailed
 )
 SessionEvent = SessionStarted | SessionFinished
-Event = SessionEvent | RoundEvent | ClientHeartbeat
+Event = SessionEvent | RoundEvent | ClientHeartbeat | ModelImported
 
 #: Every event class, in the order of the design's table; the codec maps them to schemas by name.
 EVENT_TYPES: tuple[type[Event], ...] = (
+    ModelImported,
     SessionStarted,
     RoundRequested,
     ModelStaged,
@@ -252,7 +265,9 @@ EVENT_TYPES: tuple[type[Event], ...] = (
 
 
 def partition_key(event: Event) -> str:
-    """Events of one session share a partition; heartbeats are keyed by client."""
+    """Events of one session share a partition; heartbeats are keyed by client, imports by model."""
     if isinstance(event, ClientHeartbeat):
         return event.client_id
+    if isinstance(event, ModelImported):
+        return event.model_id
     return event.session_id

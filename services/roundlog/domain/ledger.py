@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from roundlog.domain.events import ClientHeartbeat, ClientRole, Event, SessionStarted
+from roundlog.domain.events import ClientHeartbeat, ClientRole, Event, ModelImported, SessionStarted, TensorRef
 from roundlog.domain.rules import Reason, Refusal
 from roundlog.domain.session import Outcome, Session, SessionState, config_problem
 
@@ -18,10 +18,13 @@ from roundlog.domain.session import Outcome, Session, SessionState, config_probl
 class Ledger:
     sessions: dict[str, Session] = field(default_factory=dict)
     heartbeats: dict[str, ClientHeartbeat] = field(default_factory=dict)
+    imported_models: dict[str, TensorRef] = field(default_factory=dict)
 
     def apply(self, event: Event) -> Outcome:
         if isinstance(event, ClientHeartbeat):
             return self._heartbeat(event)
+        if isinstance(event, ModelImported):
+            return self._import(event)
         session = self.sessions.get(event.session_id)
         if session is not None:
             return session.apply(event)
@@ -45,6 +48,13 @@ class Ledger:
             return Outcome(Refusal(Reason.INVALID_CONFIG, problem))
         self.sessions[event.session_id] = Session.start(event)
         return Outcome(before=None, after=SessionState.RUNNING)
+
+    def _import(self, event: ModelImported) -> Outcome:
+        known = self.imported_models.get(event.model_id)
+        if known is not None and known.sha256 != event.tensor.sha256:
+            return Outcome(Refusal(Reason.ALREADY_EXISTS, f"model {event.model_id} exists with other content"))
+        self.imported_models[event.model_id] = event.tensor
+        return Outcome()
 
     def _heartbeat(self, event: ClientHeartbeat) -> Outcome:
         last = self.heartbeats.get(event.client_id)

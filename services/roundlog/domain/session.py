@@ -21,6 +21,7 @@ from roundlog.domain.events import (
     SessionFinished,
     SessionStarted,
     Task,
+    TensorRef,
 )
 from roundlog.domain.round import ROUND_TABLE, Round
 from roundlog.domain.rules import Branch, Reason, Refusal, Rule, fire, index
@@ -82,6 +83,10 @@ class Session:
     rounds_done: int = 0
     latest_model_id: str = ""
     finished: SessionFinished | None = None
+    #: every model this session can start a round on: its initial model and each aggregate
+    models: dict[str, TensorRef] = field(default_factory=dict)
+    #: the server optimizer's state after the last aggregated training round (FedOpt family)
+    optimizer_state: TensorRef | None = None
     changed_at: dict[SessionState, datetime] = field(default_factory=dict)
     seen_event_ids: set[str] = field(default_factory=set)
 
@@ -90,6 +95,7 @@ class Session:
         return cls(
             started=event,
             latest_model_id=event.initial_model_id,
+            models={event.initial_model_id: event.initial_model},
             changed_at={SessionState.RUNNING: event.occurred_at},
             seen_event_ids={event.event_id},
         )
@@ -167,6 +173,8 @@ class Session:
             if isinstance(event, RoundAggregated) and round_.task == Task.TRAINING:
                 self.rounds_done += 1
                 self.latest_model_id = event.model_id
+                self.models[event.model_id] = event.tensor
+                self.optimizer_state = event.optimizer_state
         return Outcome(round_id=round_.round_id, before=before, after=target)
 
     def rounds_in_order(self) -> list[Round]:
