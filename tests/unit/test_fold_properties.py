@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from roundlog.domain.events import Event, Task, UpdateReceived
 from roundlog.domain.ledger import Ledger
 from roundlog.domain.round import TERMINAL, RoundState
@@ -68,17 +69,13 @@ def moves(draw: st.DrawFn) -> list[Move]:
     """Two happy sessions, partly dropped, shuffled locally and salted with noise and repeats."""
     plan: list[Move] = []
     for sid in SESSIONS:
-        plan += happy_path(
-            sid, draw(st.integers(0, 4)), draw(st.sampled_from([-1, 1, 2, 3, 9]))
-        )
+        plan += happy_path(sid, draw(st.integers(0, 4)), draw(st.sampled_from([-1, 1, 2, 3, 9])))
     kept = [m for m in plan if draw(st.integers(0, 9)) > 0]
     for _ in range(draw(st.integers(0, 6))):
         if len(kept) > 1:
             i = draw(st.integers(0, len(kept) - 2))
             kept[i], kept[i + 1] = kept[i + 1], kept[i]
-    for position, move in draw(
-        st.lists(st.tuples(st.integers(0, len(kept)), noise), max_size=20)
-    ):
+    for position, move in draw(st.lists(st.tuples(st.integers(0, len(kept)), noise), max_size=20)):
         kept.insert(position, move)
     return kept
 
@@ -153,22 +150,14 @@ def test_invariants_hold_after_every_event(plan: list[Move]) -> None:
         outcome = ledger.apply(event)
 
         if isinstance(event, UpdateReceived) and outcome.applied:
-            assert state_before == RoundState.COLLECTING, (
-                "an update is accepted only while collecting"
-            )
+            assert state_before == RoundState.COLLECTING, "an update is accepted only while collecting"
         for session in ledger.sessions.values():
             for r in session.rounds.values():
                 clients = [u.client_id for u in r.accepted.values()]
-                assert len(clients) == len(set(clients)), (
-                    "one accepted update per client"
-                )
-                assert set(clients) <= set(r.assigned), (
-                    "only assigned clients are accepted"
-                )
+                assert len(clients) == len(set(clients)), "one accepted update per client"
+                assert set(clients) <= set(r.assigned), "only assigned clients are accepted"
                 if r.assigned:
-                    assert len(r.accepted) <= r.buffer_target, (
-                        "never more than buffer_size accepted"
-                    )
+                    assert len(r.accepted) <= r.buffer_target, "never more than buffer_size accepted"
                 key = (session.session_id, r.round_id)
                 if key in ended:
                     assert r.state == ended[key], "terminal states stay terminal"

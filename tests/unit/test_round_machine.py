@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+
 from roundlog.domain.events import Event, Task
 from roundlog.domain.ledger import Ledger
 from roundlog.domain.round import ROUND_RULES, RoundState
@@ -321,9 +322,7 @@ def _round_state(ledger: Ledger) -> S:
     return ledger.sessions["s1"].rounds["r1"].state
 
 
-@pytest.mark.parametrize(
-    ("given", "when", "step", "then"), CASES, ids=[f"{g}: {w}" for g, w, _, _ in CASES]
-)
+@pytest.mark.parametrize(("given", "when", "step", "then"), CASES, ids=[f"{g}: {w}" for g, w, _, _ in CASES])
 def test_transition(given: str, when: str, step: Step, then: S | Reason) -> None:
     script, ledger = Script(), Ledger()
     for event in SETUPS[given](script):
@@ -346,9 +345,7 @@ def test_every_row_of_the_table_is_specified() -> None:
         for event in SETUPS[given](script):
             ledger.apply(event)
         specified.add((_round_state(ledger), type(step(script))))
-    missing = {(r.source, r.event.__name__) for r in ROUND_RULES} - {
-        (s, e.__name__) for s, e in specified
-    }
+    missing = {(r.source, r.event.__name__) for r in ROUND_RULES} - {(s, e.__name__) for s, e in specified}
     assert not missing
 
 
@@ -358,9 +355,7 @@ def test_a_repeated_event_changes_nothing() -> None:
     for event in events:
         ledger.apply(event)
     outcome = ledger.apply(events[-1])
-    assert (
-        outcome.refusal is not None and outcome.refusal.reason == Reason.DUPLICATE_EVENT
-    )
+    assert outcome.refusal is not None and outcome.refusal.reason == Reason.DUPLICATE_EVENT
     assert list(ledger.sessions["s1"].rounds["r1"].accepted) == ["u-r1-a"]
 
 
@@ -368,10 +363,7 @@ def test_events_of_unknown_sessions_and_rounds_are_refused() -> None:
     script, ledger = Script(), Ledger()
     assert ledger.apply(script.requested()).refusal.reason == Reason.UNKNOWN_SESSION  # type: ignore[union-attr]
     ledger.apply(script.started())
-    assert (
-        ledger.apply(script.update("a", round_id="nope")).refusal.reason
-        == Reason.UNKNOWN_ROUND
-    )  # type: ignore[union-attr]
+    assert ledger.apply(script.update("a", round_id="nope")).refusal.reason == Reason.UNKNOWN_ROUND  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(
@@ -385,15 +377,11 @@ def test_events_of_unknown_sessions_and_rounds_are_refused() -> None:
         ({"aggregator_kwargs": "[1]"}, "aggregator_kwargs"),
     ],
 )
-def test_a_round_with_an_impossible_config_is_refused(
-    config: dict[str, object], problem: str
-) -> None:
+def test_a_round_with_an_impossible_config_is_refused(config: dict[str, object], problem: str) -> None:
     script, ledger = Script(), Ledger()
     ledger.apply(script.started())
     outcome = ledger.apply(script.requested(**config))
-    assert (
-        outcome.refusal is not None and outcome.refusal.reason == Reason.INVALID_CONFIG
-    )
+    assert outcome.refusal is not None and outcome.refusal.reason == Reason.INVALID_CONFIG
     assert problem in outcome.refusal.detail
     assert "r1" not in ledger.sessions["s1"].rounds
 

@@ -11,9 +11,7 @@ from roundlog.domain.session import Session, SessionState
 from tests.builders import Script
 
 
-def run_session(
-    script: Script, ledger: Ledger, outcome_of: dict[int, str]
-) -> list[Event]:
+def run_session(script: Script, ledger: Ledger, outcome_of: dict[int, str]) -> list[Event]:
     """Plays the coordinator and two clients: follow_up decides, the script answers each round.
 
     ``outcome_of[round_no]`` is "aggregate" (default) or "fail" for training rounds.
@@ -42,9 +40,7 @@ def run_session(
             events += [
                 script.update("a", rid),
                 script.update("b", rid),
-                script.aggregated(
-                    rid, (f"u-{rid}-a", f"u-{rid}-b"), new_model, parent=model
-                ),
+                script.aggregated(rid, (f"u-{rid}-a", f"u-{rid}-b"), new_model, parent=model),
             ]
         for event in events:
             assert ledger.apply(event).applied, event
@@ -127,7 +123,5 @@ def test_follow_ups_are_the_same_events_when_asked_twice() -> None:
     assert first is not None
     ledger.apply(first)
     assert follow_up(session) is None, "nothing more while round 1 is open"
-    assert ledger.apply(first).refusal is not None, (
-        "the re-emitted request changes nothing"
-    )
+    assert ledger.apply(first).refusal is not None, "the re-emitted request changes nothing"
     assert session.rounds[first.round_id].state == RoundState.REQUESTED  # type: ignore[union-attr]

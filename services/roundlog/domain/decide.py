@@ -40,17 +40,11 @@ def follow_up(session: Session) -> RoundRequested | SessionFinished | None:
         return None
     rounds = session.rounds_in_order()
     if not rounds:
-        return request_round(
-            session, 1, Task.TRAINING, session.started.initial_model_id, None
-        )
+        return request_round(session, 1, Task.TRAINING, session.started.initial_model_id, None)
     last = rounds[-1]
     if not last.is_terminal:
         return None
-    if (
-        last.task == Task.TRAINING
-        and last.state == RoundState.FAILED
-        and session.started.stop_on_failure
-    ):
+    if last.task == Task.TRAINING and last.state == RoundState.FAILED and session.started.stop_on_failure:
         return _finish(
             session,
             last,
@@ -62,25 +56,15 @@ def follow_up(session: Session) -> RoundRequested | SessionFinished | None:
         and last.state == RoundState.AGGREGATED
         and session.started.validate_each_round
     ):
-        return request_round(
-            session, last.round_no, Task.VALIDATION, session.latest_model_id, last
-        )
+        return request_round(session, last.round_no, Task.VALIDATION, session.latest_model_id, last)
     if last.round_no < session.started.rounds:
-        return request_round(
-            session, last.round_no + 1, Task.TRAINING, session.latest_model_id, last
-        )
-    failed = [
-        r.round_no
-        for r in rounds
-        if r.task == Task.TRAINING and r.state == RoundState.FAILED
-    ]
+        return request_round(session, last.round_no + 1, Task.TRAINING, session.latest_model_id, last)
+    failed = [r.round_no for r in rounds if r.task == Task.TRAINING and r.state == RoundState.FAILED]
     reason = f"rounds {failed} failed" if failed else ""
     return _finish(session, last, succeeded=not failed, reason=reason)
 
 
-def _finish(
-    session: Session, last: Round, *, succeeded: bool, reason: str
-) -> SessionFinished:
+def _finish(session: Session, last: Round, *, succeeded: bool, reason: str) -> SessionFinished:
     return SessionFinished(
         event_id=derived_id(session.session_id, "finished"),
         occurred_at=_moment(session, last),

@@ -9,7 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from roundlog.domain.events import ClientHeartbeat, ClientRole, Event, ModelImported, SessionStarted, TensorRef
+from roundlog.domain.events import (
+    ClientHeartbeat,
+    ClientRole,
+    Event,
+    ModelImported,
+    SessionStarted,
+    TensorRef,
+)
 from roundlog.domain.rules import Reason, Refusal
 from roundlog.domain.session import Outcome, Session, SessionState, config_problem
 
@@ -30,19 +37,11 @@ class Ledger:
             return session.apply(event)
         if isinstance(event, SessionStarted):
             return self._start(event)
-        return Outcome(
-            Refusal(
-                Reason.UNKNOWN_SESSION, f"session {event.session_id} was never started"
-            )
-        )
+        return Outcome(Refusal(Reason.UNKNOWN_SESSION, f"session {event.session_id} was never started"))
 
     def _start(self, event: SessionStarted) -> Outcome:
         if event.rounds < 1:
-            return Outcome(
-                Refusal(
-                    Reason.INVALID_CONFIG, f"rounds must be >= 1, got {event.rounds}"
-                )
-            )
+            return Outcome(Refusal(Reason.INVALID_CONFIG, f"rounds must be >= 1, got {event.rounds}"))
         problem = config_problem(event.round_config)
         if problem is not None:
             return Outcome(Refusal(Reason.INVALID_CONFIG, problem))
@@ -52,7 +51,9 @@ class Ledger:
     def _import(self, event: ModelImported) -> Outcome:
         known = self.imported_models.get(event.model_id)
         if known is not None and known.sha256 != event.tensor.sha256:
-            return Outcome(Refusal(Reason.ALREADY_EXISTS, f"model {event.model_id} exists with other content"))
+            return Outcome(
+                Refusal(Reason.ALREADY_EXISTS, f"model {event.model_id} exists with other content")
+            )
         self.imported_models[event.model_id] = event.tensor
         return Outcome()
 
@@ -68,10 +69,8 @@ class Ledger:
         self.heartbeats[event.client_id] = event
         return Outcome()
 
-    def live_clients(
-        self, now: datetime, ttl: timedelta, role: ClientRole
-    ) -> list[str]:
-        """Clients in ``role`` heard from within ``ttl`` before ``now``, sorted so sampling is reproducible."""
+    def live_clients(self, now: datetime, ttl: timedelta, role: ClientRole) -> list[str]:
+        """Clients in ``role`` heard from within ``ttl`` before ``now``, sorted: sampling is reproducible."""
         return sorted(
             client_id
             for client_id, beat in self.heartbeats.items()

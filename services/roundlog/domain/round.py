@@ -99,9 +99,7 @@ class Round:
 
     @property
     def reported_clients(self) -> set[str]:
-        return {update.client_id for update in self.accepted.values()} | set(
-            self.results
-        )
+        return {update.client_id for update in self.accepted.values()} | set(self.results)
 
     @property
     def usable_updates(self) -> list[UpdateReceived]:
@@ -117,9 +115,7 @@ class Round:
 
 def _model_matches(r: Round, e: ModelStaged) -> Refusal | None:
     if e.model_id != r.base_model_id:
-        return Refusal(
-            Reason.WRONG_MODEL, f"staged {e.model_id}, round is on {r.base_model_id}"
-        )
+        return Refusal(Reason.WRONG_MODEL, f"staged {e.model_id}, round is on {r.base_model_id}")
     return None
 
 
@@ -144,9 +140,7 @@ def _task_is(task: Task) -> Guard:
 
 def _assigned(r: Round, e: UpdateReceived | Result) -> Refusal | None:
     if e.client_id not in r.assigned:
-        return Refusal(
-            Reason.NOT_ASSIGNED, f"client {e.client_id} was not assigned to this round"
-        )
+        return Refusal(Reason.NOT_ASSIGNED, f"client {e.client_id} was not assigned to this round")
     return None
 
 
@@ -158,9 +152,7 @@ def _new_update_id(r: Round, e: UpdateReceived) -> Refusal | None:
 
 def _first_from_client(r: Round, e: UpdateReceived | Result) -> Refusal | None:
     if e.client_id in r.reported_clients:
-        return Refusal(
-            Reason.DUPLICATE, f"client {e.client_id} already reported in this round"
-        )
+        return Refusal(Reason.DUPLICATE, f"client {e.client_id} already reported in this round")
     return None
 
 
@@ -191,15 +183,11 @@ def _folds_accepted_updates(r: Round, e: RoundAggregated) -> Refusal | None:
 
 def _rejectable(r: Round, e: UpdateRejected) -> Refusal | None:
     if e.update_id not in r.accepted:
-        return Refusal(
-            Reason.UNKNOWN_UPDATE, f"update {e.update_id} was never accepted"
-        )
+        return Refusal(Reason.UNKNOWN_UPDATE, f"update {e.update_id} was never accepted")
     if e.update_id in r.unusable:
         return Refusal(Reason.DUPLICATE, f"update {e.update_id} was already rejected")
     if r.aggregated is not None and e.update_id in r.aggregated.update_ids:
-        return Refusal(
-            Reason.ILLEGAL, f"update {e.update_id} is already part of the aggregate"
-        )
+        return Refusal(Reason.ILLEGAL, f"update {e.update_id} is already part of the aggregate")
     return None
 
 
@@ -295,12 +283,8 @@ def _receive(
 
 
 ROUND_RULES: tuple[Rule[RoundState], ...] = (
-    Rule(
-        S.REQUESTED, ModelStaged, guards=(_model_matches,), branches=(Branch(S.STAGED),)
-    ),
-    Rule(
-        S.REQUESTED, RoundFailed, effect=_record_failure, branches=(Branch(S.FAILED),)
-    ),
+    Rule(S.REQUESTED, ModelStaged, guards=(_model_matches,), branches=(Branch(S.STAGED),)),
+    Rule(S.REQUESTED, RoundFailed, effect=_record_failure, branches=(Branch(S.FAILED),)),
     Rule(
         S.STAGED,
         ClientsAssigned,
@@ -343,9 +327,7 @@ ROUND_RULES: tuple[Rule[RoundState], ...] = (
             Branch(S.FAILED, label="too few updates"),
         ),
     ),
-    Rule(
-        S.COLLECTING, RoundFailed, effect=_record_failure, branches=(Branch(S.FAILED),)
-    ),
+    Rule(S.COLLECTING, RoundFailed, effect=_record_failure, branches=(Branch(S.FAILED),)),
     Rule(
         S.CLOSED,
         RoundAggregated,

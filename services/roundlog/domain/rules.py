@@ -76,13 +76,9 @@ class Rule(Generic[S]):
 
     def __post_init__(self) -> None:
         if (self.refuse is None) == (not self.branches):
-            raise ValueError(
-                f"{self.source}/{self.event.__name__}: a rule either refuses or branches"
-            )
+            raise ValueError(f"{self.source}/{self.event.__name__}: a rule either refuses or branches")
         if self.branches and self.branches[-1].when is not always:
-            raise ValueError(
-                f"{self.source}/{self.event.__name__}: the last branch must be unconditional"
-            )
+            raise ValueError(f"{self.source}/{self.event.__name__}: the last branch must be unconditional")
 
 
 def index(rules: tuple[Rule[S], ...]) -> dict[tuple[S, type], Rule[S]]:

@@ -56,9 +56,7 @@ def config_problem(config: RoundConfig) -> str | None:
     if config.round_timeout <= 0:
         return f"round_timeout must be > 0, got {config.round_timeout}"
     if config.buffer_size == 0 or config.buffer_size < -1:
-        return (
-            f"buffer_size must be -1 (all assigned) or >= 1, got {config.buffer_size}"
-        )
+        return f"buffer_size must be -1 (all assigned) or >= 1, got {config.buffer_size}"
     if config.max_clients == 0 or config.max_clients < -1:
         return f"max_clients must be -1 (all live) or >= 1, got {config.max_clients}"
     if config.clients_required < 0:
@@ -118,11 +116,7 @@ class Session:
                 )
             )
         if isinstance(event, SessionStarted):
-            outcome = Outcome(
-                Refusal(
-                    Reason.ALREADY_EXISTS, f"session {self.session_id} already started"
-                )
-            )
+            outcome = Outcome(Refusal(Reason.ALREADY_EXISTS, f"session {self.session_id} already started"))
         elif isinstance(event, (RoundRequested, SessionFinished)):
             outcome = self._apply_session_rule(event)
         else:
@@ -134,11 +128,7 @@ class Session:
     def _apply_session_rule(self, event: RoundRequested | SessionFinished) -> Outcome:
         rule = SESSION_TABLE.get((self.state, type(event)))
         if rule is None:
-            return Outcome(
-                Refusal(
-                    Reason.ILLEGAL, f"{type(event).__name__} in a {self.state} session"
-                )
-            )
+            return Outcome(Refusal(Reason.ILLEGAL, f"{type(event).__name__} in a {self.state} session"))
         before = self.state
         target, refusal = fire(rule, self, event)
         if refusal is not None:
@@ -153,11 +143,7 @@ class Session:
     def _apply_round_event(self, event: RoundEvent) -> Outcome:
         round_ = self.rounds.get(event.round_id)
         if round_ is None:
-            return Outcome(
-                Refusal(
-                    Reason.UNKNOWN_ROUND, f"round {event.round_id} was never requested"
-                )
-            )
+            return Outcome(Refusal(Reason.UNKNOWN_ROUND, f"round {event.round_id} was never requested"))
         rule = ROUND_TABLE.get((round_.state, type(event)))
         if rule is None:
             illegal = Refusal(Reason.ILLEGAL, f"{type(event).__name__} in a {round_.state} round")
@@ -179,16 +165,12 @@ class Session:
 
     def rounds_in_order(self) -> list[Round]:
         """Rounds by number, a training round before the evaluation rounds on its model."""
-        return sorted(
-            self.rounds.values(), key=lambda r: (r.round_no, r.task != Task.TRAINING)
-        )
+        return sorted(self.rounds.values(), key=lambda r: (r.round_no, r.task != Task.TRAINING))
 
 
 def _valid_round_request(s: Session, e: RoundRequested) -> Refusal | None:
     if e.round_id in s.rounds:
-        return Refusal(
-            Reason.ALREADY_EXISTS, f"round {e.round_id} was already requested"
-        )
+        return Refusal(Reason.ALREADY_EXISTS, f"round {e.round_id} was already requested")
     problem = config_problem(e.config)
     if problem is not None:
         return Refusal(Reason.INVALID_CONFIG, problem)

@@ -1,0 +1,123 @@
+"""Kafka plumbing: topic names, topic creation, and producer/consumer factories.
+
+The factories fix the settings every role must agree on: no idempotence or
+transactions (Tansu has no InitProducerId, and exactly-once comes from
+database-stored offsets and deterministic ids instead), no auto-commit, and
+size limits that carry one tensor chunk plus its key and headers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError, for_code
+
+from roundlog.config import Settings
+
+#: Payload bytes per record on the tensors topic.
+TENSOR_CHUNK_BYTES = 1024 * 1024
+#: Largest record (chunk + key + headers) and largest producer batch roundlog writes.
+MAX_RECORD_BYTES = 2 * 1024 * 1024
+#: Topic-level ``max.message.bytes``: a batch of MAX_RECORD_BYTES plus framing. A stock
+#: Kafka broker's default (~1 MiB) is just too small for a full chunk with headers.
+TOPIC_MAX_MESSAGE_BYTES = MAX_RECORD_BYTES + 64 * 1024
+
+_INFINITE_RETENTION = {"retention.ms": "-1", "retention.bytes": "-1"}
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The four topic names under one prefix."""
+
+    events: str
+    tensors: str
+    clients: str
+    deadletter: str
+
+    @classmethod
+    def from_prefix(cls, prefix: str) -> Topics:
+        return cls(
+            events=f"{prefix}.events",
+            tensors=f"{prefix}.tensors",
+            clients=f"{prefix}.clients",
+            deadletter=f"{prefix}.deadletter",
+        )
+
+    def all(self) -> tuple[str, ...]:
+        return (self.events, self.tensors, self.clients, self.deadletter)
+
+
+def _new_topics(topics: Topics, partitions: int, replication_factor: int) -> list[NewTopic]:
+    size = {"max.message.bytes": str(TOPIC_MAX_MESSAGE_BYTES)}
+    configs = {
+        topics.events: {**_INFINITE_RETENTION, **size},
+        topics.tensors: {**_INFINITE_RETENTION, **size},
+        topics.clients: {"cleanup.policy": "compact", **size},
+        topics.deadletter: {**_INFINITE_RETENTION, **size},
+    }
+    return [
+        NewTopic(name, partitions, replication_factor, topic_configs=config)
+        for name, config in configs.items()
+    ]
+
+
+async def create_topics(settings: Settings) -> dict[str, bool]:
+    """Create roundlog's topics; existing ones are left as they are.
+
+    Returns each topic name with whether this call created it. Replication is
+    min(3, brokers) so a single-node broker (Tansu, a dev Kafka) works as is.
+    """
+    admin = AIOKafkaAdminClient(**settings.kafka_client_kwargs())
+    await admin.start()
+    try:
+        brokers = len((await admin.describe_cluster())["brokers"])
+        wanted = _new_topics(Topics.from_prefix(settings.topic_prefix), settings.partitions, min(3, brokers))
+        created: dict[str, bool] = {}
+        # One request per topic: some clients raise TopicAlreadyExistsError for the whole
+        # request instead of reporting error 36 per topic, which would hide the others.
+        for topic in wanted:
+            try:
+                response = await admin.create_topics([topic])
+            except TopicAlreadyExistsError:
+                created[topic.name] = False
+                continue
+            for name, code, *rest in response.topic_errors:
+                if code not in (0, TopicAlreadyExistsError.errno):
+                    raise for_code(code)(f"creating topic {name}: {rest[0] if rest else ''}")
+                created[name] = code == 0
+        return created
+    finally:
+        await admin.close()
+
+
+def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
+    """A producer for roundlog's topics (call inside a running event loop, then ``await start()``)."""
+    kwargs: dict[str, Any] = {
+        **settings.kafka_client_kwargs(),
+        "acks": "all",
+        "enable_idempotence": False,
+        "max_request_size": MAX_RECORD_BYTES,
+        "max_batch_size": MAX_RECORD_BYTES,
+        "linger_ms": 5,
+        **overrides,
+    }
+    if kwargs["enable_idempotence"] or kwargs.get("transactional_id"):
+        raise ValueError("idempotence and transactions are not used: Tansu has no InitProducerId")
+    return AIOKafkaProducer(**kwargs)
+
+
+def make_consumer(settings: Settings, group_id: str | None = None, **overrides: Any) -> AIOKafkaConsumer:
+    """A consumer that never auto-commits: each role decides where its offsets live."""
+    kwargs: dict[str, Any] = {
+        **settings.kafka_client_kwargs(),
+        "group_id": group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "max_partition_fetch_bytes": 2 * TOPIC_MAX_MESSAGE_BYTES,
+        "fetch_max_bytes": 64 * 1024 * 1024,
+        **overrides,
+    }
+    return AIOKafkaConsumer(**kwargs)

@@ -1,0 +1,112 @@
+"""Settings from the environment: the one switch between the embedded stack and real servers.
+
+Every process (CLI, roles, tests) reads the same ``ROUNDLOG_*`` variables, so a
+stack started by ``roundlog up`` in one shell is usable from another by exporting
+the two lines it prints.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka.helpers import create_ssl_context
+
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+
+
+class ConfigError(ValueError):
+    """A ``ROUNDLOG_*`` variable is missing or malformed."""
+
+
+def sqlalchemy_url(url: str) -> str:
+    """Give a libpq-style URL the psycopg 3 driver, since SQLAlchemy's default would be psycopg2."""
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url.removeprefix(scheme)
+    return url
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Where the broker and the database are, and how roundlog names and sizes its topics."""
+
+    kafka_bootstrap: str
+    database_url: str
+    topic_prefix: str = "roundlog"
+    partitions: int = 6
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: str | None = field(default=None, repr=False)
+    kafka_ssl_cafile: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read ``ROUNDLOG_*`` variables; both server addresses are required."""
+        env = os.environ if environ is None else environ
+
+        def get(name: str) -> str | None:
+            return env.get(name) or None
+
+        missing = [n for n in ("ROUNDLOG_KAFKA_BOOTSTRAP", "ROUNDLOG_DATABASE_URL") if not get(n)]
+        if missing:
+            raise ConfigError(
+                f"{' and '.join(missing)} not set: export the lines `roundlog up` prints, "
+                "or point them at a Kafka broker and a PostgreSQL database"
+            )
+        partitions_text = get("ROUNDLOG_PARTITIONS") or "6"
+        try:
+            partitions = int(partitions_text)
+        except ValueError:
+            raise ConfigError(f"ROUNDLOG_PARTITIONS must be an integer, not {partitions_text!r}") from None
+        if partitions < 1:
+            raise ConfigError(f"ROUNDLOG_PARTITIONS must be >= 1, not {partitions}")
+        protocol = (get("ROUNDLOG_KAFKA_SECURITY_PROTOCOL") or "PLAINTEXT").upper()
+        if protocol not in SECURITY_PROTOCOLS:
+            raise ConfigError(
+                f"ROUNDLOG_KAFKA_SECURITY_PROTOCOL must be one of {', '.join(SECURITY_PROTOCOLS)}, "
+                f"not {protocol!r}"
+            )
+        return cls(
+            kafka_bootstrap=env["ROUNDLOG_KAFKA_BOOTSTRAP"],
+            database_url=sqlalchemy_url(env["ROUNDLOG_DATABASE_URL"]),
+            topic_prefix=get("ROUNDLOG_TOPIC_PREFIX") or "roundlog",
+            partitions=partitions,
+            kafka_security_protocol=protocol,
+            kafka_sasl_mechanism=get("ROUNDLOG_KAFKA_SASL_MECHANISM"),
+            kafka_sasl_username=get("ROUNDLOG_KAFKA_SASL_USERNAME"),
+            kafka_sasl_password=get("ROUNDLOG_KAFKA_SASL_PASSWORD"),
+            kafka_ssl_cafile=get("ROUNDLOG_KAFKA_SSL_CAFILE"),
+        )
+
+    def env(self) -> dict[str, str]:
+        """The variables that reproduce these settings in another process (e.g. a role subprocess)."""
+        values = {
+            "ROUNDLOG_KAFKA_BOOTSTRAP": self.kafka_bootstrap,
+            "ROUNDLOG_DATABASE_URL": self.database_url,
+            "ROUNDLOG_TOPIC_PREFIX": self.topic_prefix,
+            "ROUNDLOG_PARTITIONS": str(self.partitions),
+            "ROUNDLOG_KAFKA_SECURITY_PROTOCOL": self.kafka_security_protocol,
+            "ROUNDLOG_KAFKA_SASL_MECHANISM": self.kafka_sasl_mechanism,
+            "ROUNDLOG_KAFKA_SASL_USERNAME": self.kafka_sasl_username,
+            "ROUNDLOG_KAFKA_SASL_PASSWORD": self.kafka_sasl_password,
+            "ROUNDLOG_KAFKA_SSL_CAFILE": self.kafka_ssl_cafile,
+        }
+        return {name: value for name, value in values.items() if value is not None}
+
+    def kafka_client_kwargs(self) -> dict[str, Any]:
+        """Connection keyword arguments shared by aiokafka's producer, consumer and admin client."""
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": self.kafka_bootstrap,
+            "security_protocol": self.kafka_security_protocol,
+        }
+        if self.kafka_security_protocol.startswith("SASL_"):
+            kwargs["sasl_mechanism"] = self.kafka_sasl_mechanism or "PLAIN"
+            kwargs["sasl_plain_username"] = self.kafka_sasl_username
+            kwargs["sasl_plain_password"] = self.kafka_sasl_password
+        if self.kafka_security_protocol.endswith("SSL"):
+            kwargs["ssl_context"] = create_ssl_context(cafile=self.kafka_ssl_cafile)
+        return kwargs
