@@ -1,7 +1,12 @@
-"""The whole log folded: every session and the clients' last heartbeats.
+"""The whole log folded: every open session and the clients' last heartbeats.
 
 This is the one fold every role runs. It is total: any event, in any order,
 duplicates and nonsense included, yields a well-defined ledger and an Outcome.
+
+A session leaves the ledger when it finishes (only its id stays), so memory follows
+the open sessions and a role can restart its fold at the first event of the oldest
+open session, its replay point. A fold restarted there agrees with one from offset 0
+on every event but a SessionStarted re-sent after its session finished.
 """
 
 from __future__ import annotations
@@ -14,8 +19,8 @@ from roundlog.domain.events import (
     ClientRole,
     Event,
     ModelImported,
+    SessionFinished,
     SessionStarted,
-    TensorRef,
 )
 from roundlog.domain.rules import Reason, Refusal
 from roundlog.domain.session import Outcome, Session, SessionState, config_problem
@@ -25,19 +30,26 @@ from roundlog.domain.session import Outcome, Session, SessionState, config_probl
 class Ledger:
     sessions: dict[str, Session] = field(default_factory=dict)
     heartbeats: dict[str, ClientHeartbeat] = field(default_factory=dict)
-    imported_models: dict[str, TensorRef] = field(default_factory=dict)
+    #: ids of finished sessions, so a stray SessionStarted cannot start one again
+    finished: set[str] = field(default_factory=set)
 
     def apply(self, event: Event) -> Outcome:
         if isinstance(event, ClientHeartbeat):
             return self._heartbeat(event)
         if isinstance(event, ModelImported):
-            return self._import(event)
+            return Outcome()
         session = self.sessions.get(event.session_id)
         if session is not None:
-            return session.apply(event)
+            outcome = session.apply(event)
+            if isinstance(event, SessionFinished) and outcome.applied:
+                del self.sessions[event.session_id]
+                self.finished.add(event.session_id)
+            return outcome
+        if event.session_id in self.finished:
+            return Outcome(Refusal(Reason.SESSION_FINISHED, f"session {event.session_id} has finished"))
         if isinstance(event, SessionStarted):
             return self._start(event)
-        return Outcome(Refusal(Reason.UNKNOWN_SESSION, f"session {event.session_id} was never started"))
+        return Outcome(Refusal(Reason.UNKNOWN_SESSION, f"session {event.session_id} is not running"))
 
     def _start(self, event: SessionStarted) -> Outcome:
         if event.rounds < 1:
@@ -47,15 +59,6 @@ class Ledger:
             return Outcome(Refusal(Reason.INVALID_CONFIG, problem))
         self.sessions[event.session_id] = Session.start(event)
         return Outcome(before=None, after=SessionState.RUNNING)
-
-    def _import(self, event: ModelImported) -> Outcome:
-        known = self.imported_models.get(event.model_id)
-        if known is not None and known.sha256 != event.tensor.sha256:
-            return Outcome(
-                Refusal(Reason.ALREADY_EXISTS, f"model {event.model_id} exists with other content")
-            )
-        self.imported_models[event.model_id] = event.tensor
-        return Outcome()
 
     def _heartbeat(self, event: ClientHeartbeat) -> Outcome:
         last = self.heartbeats.get(event.client_id)

@@ -1,0 +1,1 @@
+"""The services: each a short loop, consume -> fold -> persist/emit, over the same domain fold."""
