@@ -8,14 +8,17 @@ size limits that carry one tensor chunk plus its key and headers.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, for_code
 
+from roundlog.codec import encode
 from roundlog.config import Settings
+from roundlog.domain.events import ClientHeartbeat, Event, partition_key
 
 #: Payload bytes per record on the tensors topic.
 TENSOR_CHUNK_BYTES = 1024 * 1024
@@ -109,10 +112,47 @@ def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
     return AIOKafkaProducer(**kwargs)
 
 
-def make_consumer(settings: Settings, group_id: str | None = None, **overrides: Any) -> AIOKafkaConsumer:
+class Consumer(AIOKafkaConsumer):
+    """An AIOKafkaConsumer whose ``end_offsets`` is the true high watermark on every broker.
+
+    Tansu answers ListOffsets(latest) with the base offset of the partition's last record
+    batch plus one, which falls short when that batch holds several records. A fetch at that
+    offset returns the last batch and the real high watermark, so the answer is checked by a
+    fetch through a short-lived group-less consumer; on Apache Kafka both agree.
+    """
+
+    def __init__(self, *topics: str, probe_kwargs: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(*topics, **kwargs)
+        self._probe_kwargs = probe_kwargs
+
+    async def end_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        reported: dict[TopicPartition, int] = await super().end_offsets(list(partitions))
+        nonempty = [tp for tp, end in reported.items() if end > 0]
+        if not nonempty:
+            return reported
+        probe = AIOKafkaConsumer(**self._probe_kwargs)
+        await probe.start()
+        try:
+            probe.assign(nonempty)
+            for tp in nonempty:
+                probe.seek(tp, reported[tp] - 1)
+            pending = set(nonempty)
+            while pending:
+                batch = await probe.getmany(*pending, timeout_ms=1000)
+                for tp in batch:
+                    highwater = probe.highwater(tp)
+                    reported[tp] = max(reported[tp], highwater if highwater is not None else 0)
+                    pending.discard(tp)
+        finally:
+            await probe.stop()
+        return reported
+
+
+def make_consumer(settings: Settings, group_id: str | None = None, **overrides: Any) -> Consumer:
     """A consumer that never auto-commits: each role decides where its offsets live."""
+    connection = settings.kafka_client_kwargs()
     kwargs: dict[str, Any] = {
-        **settings.kafka_client_kwargs(),
+        **connection,
         "group_id": group_id,
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
@@ -120,4 +160,18 @@ def make_consumer(settings: Settings, group_id: str | None = None, **overrides: 
         "fetch_max_bytes": 64 * 1024 * 1024,
         **overrides,
     }
-    return AIOKafkaConsumer(**kwargs)
+    return Consumer(probe_kwargs={**connection, "enable_auto_commit": False}, **kwargs)
+
+
+async def publish(producer: AIOKafkaProducer, topics: Topics, events: Iterable[Event]) -> None:
+    """Send events to their topic, keyed so each session's events keep their order on one partition."""
+    sent = [
+        await producer.send(
+            topics.clients if isinstance(event, ClientHeartbeat) else topics.events,
+            encode(event),
+            key=partition_key(event).encode(),
+        )
+        for event in events
+    ]
+    for future in sent:
+        await future
