@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import uvloop
+
 from roundlog.config import ConfigError, Settings
 
 Handler = Callable[[argparse.Namespace], int]
@@ -26,6 +28,7 @@ Handler = Callable[[argparse.Namespace], int]
 #: One-line help of the first word of multi-word commands.
 GROUPS = {
     "topics": "manage roundlog's Kafka topics",
+    "db": "manage the projection tables in PostgreSQL (Alembic migrations shipped in the package)",
 }
 
 
@@ -165,3 +168,135 @@ def demo(args: argparse.Namespace) -> int:
     run = importlib.import_module("roundlog.demo").run
     with stack_settings() as settings:
         return int(run(settings) or 0)
+
+
+#: Each role's module has ``async def run(settings, stop)``; adding a role is one line here.
+ROLES = {
+    "aggregator": "roundlog.roles.aggregator",
+    "projector": "roundlog.roles.projector",
+}
+
+
+@command(
+    "serve",
+    help="run one or more roles (consumer-group members) until SIGINT/SIGTERM; 'all' runs every role "
+    "in this process",
+    example="roundlog serve --role aggregator",
+    arguments=[
+        arg(
+            "--role",
+            action="append",
+            choices=["all", *ROLES],
+            required=True,
+            help="a role to run; repeat to run several in one process",
+        )
+    ],
+)
+def serve(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    names = list(ROLES) if "all" in args.role else list(dict.fromkeys(args.role))
+    runners = [importlib.import_module(ROLES[name]).run for name in names]
+
+    async def run_all() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await asyncio.gather(*(run(settings, stop) for run in runners))
+
+    uvloop.run(run_all())
+    return 0
+
+
+_SCHEMA = arg(
+    "--schema", metavar="NAME", help="a PostgreSQL schema instead of the connection's default (public)"
+)
+
+
+@command(
+    "db upgrade",
+    help="create the projection tables, or migrate them to the newest revision",
+    example="roundlog db upgrade",
+    arguments=[
+        arg("--to", default="head", metavar="REVISION", help="target revision (default: head)"),
+        _SCHEMA,
+    ],
+)
+def db_upgrade(args: argparse.Namespace) -> int:
+    from roundlog.projections.schema import current, upgrade
+
+    settings = Settings.from_env()
+    upgrade(settings.database_url, args.schema, args.to)
+    print(f"projection tables at revision {current(settings.database_url, args.schema)}")
+    return 0
+
+
+@command(
+    "db downgrade",
+    help="migrate the projection tables down to a revision; 'base' drops them all",
+    example="roundlog db downgrade --to base",
+    arguments=[arg("--to", required=True, metavar="REVISION", help="target revision, e.g. base"), _SCHEMA],
+)
+def db_downgrade(args: argparse.Namespace) -> int:
+    from roundlog.projections.schema import current, downgrade
+
+    settings = Settings.from_env()
+    downgrade(settings.database_url, args.to, args.schema)
+    print(f"projection tables at revision {current(settings.database_url, args.schema) or 'base'}")
+    return 0
+
+
+@command(
+    "replay",
+    help="rebuild every projection from offset 0 into a fresh schema (dropped first if it exists) and "
+    "diff it row by row against the live one; exit 0 when identical, 1 with the differences otherwise",
+    example="roundlog replay --schema audit && psql -c 'SELECT * FROM audit.rounds'",
+    arguments=[
+        arg("--schema", default="replay", metavar="NAME", help="schema to rebuild into (default: replay)"),
+        arg(
+            "--live-schema", default="public", metavar="NAME", help="schema to compare with (default: public)"
+        ),
+        arg(
+            "--limit", type=int, default=20, metavar="N", help="differing rows shown per table (default: 20)"
+        ),
+        arg(
+            "--verify-models",
+            action="store_true",
+            help="also re-fold every round and check each model's sha256",
+        ),
+    ],
+)
+def replay_command(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from roundlog.replay import replay
+
+    settings = Settings.from_env()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task(f"replaying into {args.schema}", total=None)
+            report = asyncio.run(
+                replay(
+                    settings,
+                    args.schema,
+                    lambda done, total: bar.update(task, completed=done, total=total),
+                    args.live_schema,
+                    args.limit,
+                )
+            )
+    except ValueError as exc:
+        print(f"roundlog: {exc}", file=sys.stderr)
+        return 2
+    print(report.render())
+    ok = report.identical
+    if args.verify_models:
+        from roundlog.audit import verify_models
+
+        audit = asyncio.run(verify_models(settings))
+        print(f"verified {audit.rounds_checked} aggregated models: {len(audit.mismatches)} mismatches")
+        for mismatch in audit.mismatches:
+            print(f"  session {mismatch.session_id} round {mismatch.round_id}: {mismatch.detail}")
+        ok = ok and audit.ok
+    return 0 if ok else 1

@@ -1,0 +1,85 @@
+"""FedAvg (McMahan et al. 2017): the example-weighted mean of the client models.
+
+new model = Σ wᵢ·xᵢ / Σ wᵢ with wᵢ = num_examples, folded into one float64
+accumulator per array as the updates stream in, so memory is O(model) whatever
+the number of clients. A clipped update folds as base + scale·(xᵢ - base).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from roundlog.aggregation.base import (
+    BLOCK,
+    F64,
+    AggregateResult,
+    BaseModel,
+    Builder,
+    Fold,
+    NonFiniteAggregate,
+    NothingToAggregate,
+    Params,
+    all_finite,
+    clipped,
+)
+from roundlog.arrays import ArrayPiece
+
+
+class FedAvg(Fold):
+    """Example-weighted mean; kwargs: ``max_norm`` only (clipping, handled by the caller's scale)."""
+
+    def __init__(self, base: BaseModel) -> None:
+        super().__init__(base)
+        self._acc = [np.zeros(len(flat), dtype=F64) for flat in base.flat]
+        self._scratch = np.empty(BLOCK, dtype=F64)
+
+    #: a non-finite value poisons the accumulator for good, so one check at finalize finds it
+    checks_finite_itself = True
+
+    def _fold(self, piece: ArrayPiece) -> None:
+        # Block by block through a small float64 scratch that stays in cache, so the
+        # fold reads the update once and makes one pass over the accumulator, like a
+        # bare ``acc += x``.
+        values, start = piece.values, piece.start
+        acc, base = self._acc[piece.index], self.base.flat[piece.index]
+        weight, scale = self._weight, self._scale
+        for pos in range(0, len(values), BLOCK):
+            x: NDArray[Any] = values[pos : pos + BLOCK]
+            lo, hi = start + pos, start + pos + len(x)
+            scratch = self._scratch[: len(x)]
+            if scale != 1.0:
+                clipped(x, base[lo:hi], scale, out=scratch)
+            else:
+                np.copyto(scratch, x)  # exact widening, so w·x is one float64 rounding
+            np.multiply(scratch, weight, out=scratch)
+            np.add(acc[lo:hi], scratch, out=acc[lo:hi])
+
+    def _weighted_mean(self) -> list[NDArray[np.float64]]:
+        """The accumulators turned, in place, into the weighted mean of the committed updates."""
+        if self.total_weight == 0:
+            raise NothingToAggregate(f"the {self.updates} committed updates have a total weight of 0")
+        for name, acc in zip(self.base.names, self._acc, strict=True):
+            if not all_finite(acc):
+                raise NonFiniteAggregate(f"{name}: a committed update held a NaN or an infinity")
+        for acc in self._acc:
+            np.divide(acc, self.total_weight, out=acc)
+        return self._acc
+
+    def _finalize(self) -> AggregateResult:
+        mean = self._weighted_mean()
+        return AggregateResult(
+            arrays=[
+                (name, self.base.emit(i, acc))
+                for i, (name, acc) in enumerate(zip(self.base.names, mean, strict=True))
+            ],
+            state=None,
+            updates=self.updates,
+            total_weight=self.total_weight,
+        )
+
+
+def fedavg(params: Params) -> Builder:
+    return lambda base, state: FedAvg(base)

@@ -1,0 +1,126 @@
+"""``replay --verify-models``: fold every round of the log again and check each aggregated model.
+
+The audit runs the aggregator's own fold (``LogAggregation``) over the whole events
+topic from offset 0, with a sink that records the model each closed round folds to
+instead of writing it. Each ``RoundAggregated`` in the log must then name the same
+sha256 and the same folded updates, in the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aiokafka import TopicPartition
+
+from roundlog.arrays import sha256_of
+from roundlog.bus import Topics, make_consumer
+from roundlog.codec import DecodeError
+from roundlog.config import Settings
+from roundlog.domain.events import RoundAggregated
+from roundlog.domain.round import Round
+from roundlog.domain.session import Session
+from roundlog.roles.aggregation import Closed, LogAggregation, Unusable
+from roundlog.roles.stream import PartitionFold, read_range
+from roundlog.tensors import TensorReader
+
+
+@dataclass(frozen=True)
+class Refolded:
+    sha256: str
+    update_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    session_id: str
+    round_id: str
+    logged: Refolded
+    refolded: Refolded | None
+    detail: str
+
+
+@dataclass
+class AuditReport:
+    rounds_checked: int = 0
+    mismatches: list[Mismatch] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+
+class RecordingSink:
+    """Keeps what each closed round folded to; emits nothing."""
+
+    def __init__(self) -> None:
+        self.refolded: dict[tuple[str, str], Refolded | Closed] = {}
+
+    async def unusable(self, session: Session, round_: Round, rejection: Unusable) -> None:
+        return None
+
+    async def closed(self, session: Session, round_: Round, outcome: Closed) -> None:
+        if outcome.result is None or outcome.aggregation is None:
+            self.refolded[(session.session_id, round_.round_id)] = outcome
+        else:
+            update_ids = tuple(u.update_id for u in outcome.aggregation.folded)
+            self.refolded[(session.session_id, round_.round_id)] = Refolded(
+                sha256_of(outcome.result.arrays), update_ids
+            )
+
+
+async def verify_models(
+    settings: Settings, progress: Callable[[int, int], None] | None = None
+) -> AuditReport:
+    """Re-fold every partition from offset 0; ``progress(done, total)`` is called per partition."""
+    topics = Topics.from_prefix(settings.topic_prefix)
+    log_consumer, tensor_consumer = make_consumer(settings), make_consumer(settings)
+    await log_consumer.start()
+    await tensor_consumer.start()
+    report = AuditReport()
+    try:
+        partitions = sorted(log_consumer.partitions_for_topic(topics.events) or ())
+        ends = await log_consumer.end_offsets([TopicPartition(topics.events, p) for p in partitions])
+        sink = RecordingSink()
+        aggregation = LogAggregation(TensorReader(tensor_consumer, topics.tensors), sink)
+        for done, (tp, end) in enumerate(sorted(ends.items()), start=1):
+            fold = PartitionFold(tp.partition)
+            async for entry in read_range(log_consumer, topics.events, tp.partition, 0, end):
+                event = entry.decoded
+                if isinstance(event, DecodeError):
+                    fold.skip(entry.offset)
+                    continue
+                outcome = await aggregation.apply(fold, entry.offset, event)
+                if isinstance(event, RoundAggregated) and outcome.applied:
+                    report.rounds_checked += 1
+                    _compare(report, event, sink.refolded.get((event.session_id, event.round_id)))
+            aggregation.forget_partition(tp.partition)
+            if progress is not None:
+                progress(done, len(ends))
+    finally:
+        await log_consumer.stop()
+        await tensor_consumer.stop()
+    return report
+
+
+def _compare(report: AuditReport, logged_event: RoundAggregated, refolded: Refolded | Closed | None) -> None:
+    logged = Refolded(logged_event.tensor.sha256, logged_event.update_ids)
+    if isinstance(refolded, Refolded) and refolded == logged:
+        return
+    if refolded is None:
+        detail = "the round never closed in the re-fold"
+    elif isinstance(refolded, Closed):
+        detail = f"the re-fold failed: {refolded.fail_reason} {refolded.detail}".strip()
+    elif refolded.update_ids != logged.update_ids:
+        detail = "different updates were folded"
+    else:
+        detail = "the same updates fold to another model"
+    report.mismatches.append(
+        Mismatch(
+            session_id=logged_event.session_id,
+            round_id=logged_event.round_id,
+            logged=logged,
+            refolded=refolded if isinstance(refolded, Refolded) else None,
+            detail=detail,
+        )
+    )

@@ -1,0 +1,255 @@
+"""Folding a round's streamed updates into its next model, driven by the event log.
+
+``LogAggregation`` applies events to a partition's ledger and, for each training round,
+folds every accepted update's tensors as it streams in; when the machine closes the
+round it finalizes and hands the outcome to a ``Sink``. The aggregator role's sink
+writes the model and emits events; the audit's sink only compares hashes. Both run
+this same code, which is why a replayed model is bit-identical to the live one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from roundlog.aggregation import (
+    AggregateResult,
+    Aggregator,
+    AggregatorConfigError,
+    DeltaNorm,
+    NonFiniteAggregate,
+    NothingToAggregate,
+    clip_scale,
+    make_aggregator,
+    max_norm,
+)
+from roundlog.aggregation.base import BaseModel, check_piece
+from roundlog.arrays import ArrayPiece, NamedArrays, Reassembler, StreamError, specs_of
+from roundlog.domain.events import ArraySpec, Event, Task, TensorRef, UpdateReceived
+from roundlog.domain.round import Round, RoundState
+from roundlog.domain.session import Outcome, Session
+from roundlog.roles.stream import PartitionFold
+from roundlog.tensors import TensorReader, check_layout
+
+RoundKey = tuple[str, str]
+
+
+def _key(round_: Round) -> RoundKey:
+    return (round_.session_id, round_.round_id)
+
+
+@dataclass
+class RoundAggregation:
+    """One training round's fold in progress: the base model, the aggregator, what went in."""
+
+    session: Session
+    round: Round
+    base: NamedArrays
+    base_specs: tuple[ArraySpec, ...]
+    kwargs: dict[str, object]
+    state: NamedArrays | None
+    aggregator: Aggregator
+    folded: list[UpdateReceived] = field(default_factory=list)
+    load_seconds: float = 0.0
+    fold_seconds: float = 0.0
+
+    @property
+    def round_id(self) -> str:
+        return self.round.round_id
+
+    def fresh_aggregator(self) -> Aggregator:
+        return make_aggregator(self.round.config.aggregator, self.kwargs, self.base, self.state)
+
+
+@dataclass(frozen=True)
+class Unusable:
+    """An accepted update whose tensors cannot be folded."""
+
+    update: UpdateReceived
+    error: StreamError
+
+
+@dataclass(frozen=True)
+class Closed:
+    """A closed round's result: the aggregate, or why there is none (a RoundFailed reason)."""
+
+    aggregation: RoundAggregation | None
+    result: AggregateResult | None
+    fail_reason: str = ""
+    detail: str = ""
+
+
+class Sink(Protocol):
+    async def unusable(self, session: Session, round_: Round, rejection: Unusable) -> None: ...
+
+    async def closed(self, session: Session, round_: Round, outcome: Closed) -> None: ...
+
+
+class LogAggregation:
+    """The tensor side of the fold: open rounds of the partitions this process holds."""
+
+    def __init__(self, reader: TensorReader, sink: Sink) -> None:
+        self._reader = reader
+        self._sink = sink
+        # keyed by (session id, round id): round ids come from outside and need not be unique
+        self._open: dict[RoundKey, RoundAggregation] = {}
+        self._broken: dict[RoundKey, Closed] = {}
+        self._partition_of: dict[RoundKey, int] = {}
+
+    async def apply(self, fold: PartitionFold, offset: int, event: Event) -> Outcome:
+        """Fold one event; an accepted update is folded now, a closed round finalized now."""
+        outcome = fold.apply(offset, event)
+        if not outcome.applied or outcome.round_id is None:
+            return outcome
+        session = fold.ledger.sessions.get(getattr(event, "session_id", ""))
+        round_ = session.rounds.get(outcome.round_id) if session else None
+        if session is None or round_ is None or round_.task != Task.TRAINING:
+            return outcome
+        if isinstance(event, UpdateReceived):
+            await self._fold(fold.partition, session, round_, event)
+        if outcome.after == RoundState.CLOSED and outcome.before != RoundState.CLOSED:
+            await self._close(fold.partition, session, round_)
+        if round_.is_terminal:
+            self._forget_round(_key(round_))
+        return outcome
+
+    async def resume(self, fold: PartitionFold) -> None:
+        """After a silent re-fold: fold the open rounds' accepted updates again, and close the closed ones."""
+        for session in fold.ledger.sessions.values():
+            for round_ in session.rounds_in_order():
+                if round_.task != Task.TRAINING or round_.state not in (
+                    RoundState.COLLECTING,
+                    RoundState.CLOSED,
+                ):
+                    continue
+                for update in round_.accepted.values():
+                    await self._fold(fold.partition, session, round_, update)
+                if round_.state == RoundState.CLOSED:
+                    await self._close(fold.partition, session, round_)
+
+    def forget_partition(self, partition: int) -> None:
+        for key in [k for k, p in self._partition_of.items() if p == partition]:
+            self._forget_round(key)
+
+    def _forget_round(self, key: RoundKey) -> None:
+        self._open.pop(key, None)
+        self._broken.pop(key, None)
+        self._partition_of.pop(key, None)
+
+    async def _aggregation(self, partition: int, session: Session, round_: Round) -> RoundAggregation | None:
+        """The round's fold, opened on first use: loads the base model and the optimizer state."""
+        key = _key(round_)
+        if key in self._open:
+            return self._open[key]
+        if key in self._broken:
+            return None
+        self._partition_of[key] = partition
+        started = time.perf_counter()
+        base_ref = session.models.get(round_.base_model_id)
+        if base_ref is None:
+            self._broken[key] = Closed(None, None, "model_missing", f"{round_.base_model_id} unknown")
+            return None
+        try:
+            base = await self._reader.arrays(base_ref)
+            state_ref = session.optimizer_state
+            state = await self._reader.arrays(state_ref) if state_ref is not None else None
+            kwargs = json.loads(round_.config.aggregator_kwargs)
+            aggregator = make_aggregator(round_.config.aggregator, kwargs, base, state)
+        except StreamError as error:
+            self._broken[key] = Closed(None, None, "model_missing", str(error))
+            return None
+        except AggregatorConfigError as error:
+            self._broken[key] = Closed(None, None, "aggregation_failed", str(error))
+            return None
+        aggregation = RoundAggregation(
+            session,
+            round_,
+            base,
+            specs_of(base),
+            kwargs,
+            state,
+            aggregator,
+            load_seconds=time.perf_counter() - started,
+        )
+        self._open[key] = aggregation
+        return aggregation
+
+    async def _fold(self, partition: int, session: Session, round_: Round, update: UpdateReceived) -> None:
+        aggregation = await self._aggregation(partition, session, round_)
+        if aggregation is None or update.update_id in round_.unusable:
+            return
+        started = time.perf_counter()
+        try:
+            check_layout(update.tensor, aggregation.base_specs)
+        except StreamError as error:
+            await self._sink.unusable(session, round_, Unusable(update, error))
+            return
+        try:
+            await self._fold_into(aggregation, update)
+        except StreamError as error:
+            await self._sink.unusable(session, round_, Unusable(update, error))
+            # The aggregator has no undo: start over from the updates that were good.
+            aggregation.aggregator = aggregation.fresh_aggregator()
+            for good in aggregation.folded:
+                await self._fold_into(aggregation, good)
+        else:
+            aggregation.folded.append(update)
+        aggregation.fold_seconds += time.perf_counter() - started
+
+    async def _fold_into(self, aggregation: RoundAggregation, update: UpdateReceived) -> None:
+        """Stream one update into the aggregator; a flaw in its bytes raises StreamError before commit."""
+        scale = 1.0
+        bound = max_norm(aggregation.kwargs)
+        if bound is not None:
+            norm = DeltaNorm(aggregation.base)
+            await self._stream(update.tensor, norm.add)
+            scale = clip_scale(norm.value, bound)
+        aggregation.aggregator.begin(float(update.num_examples), scale)
+        await self._stream(update.tensor, aggregation.aggregator.add)
+        aggregation.aggregator.commit()
+
+    async def _stream(self, ref: TensorRef, take: Callable[[ArrayPiece], None]) -> None:
+        reassembler = Reassembler(ref.arrays)
+        async for chunk in self._reader.chunks(ref):
+            for piece in reassembler.feed(chunk):
+                take(piece)
+        reassembler.finish(ref.sha256)
+
+    async def _close(self, partition: int, session: Session, round_: Round) -> None:
+        aggregation = await self._aggregation(partition, session, round_)
+        if aggregation is None:
+            await self._sink.closed(session, round_, self._broken[_key(round_)])
+            return
+        started = time.perf_counter()
+        try:
+            try:
+                result = aggregation.aggregator.finalize()
+            except NonFiniteAggregate:
+                result = await self._finalize_without_non_finite(session, round_, aggregation)
+        except NothingToAggregate as error:
+            await self._sink.closed(session, round_, Closed(aggregation, None, "no_valid_update", str(error)))
+            return
+        aggregation.fold_seconds += time.perf_counter() - started
+        await self._sink.closed(session, round_, Closed(aggregation, result))
+
+    async def _finalize_without_non_finite(
+        self, session: Session, round_: Round, aggregation: RoundAggregation
+    ) -> AggregateResult:
+        """The rare path of folds that check finiteness once per round: find the culprits, fold the rest."""
+        base = BaseModel.of(aggregation.base)
+        kept = []
+        for update in aggregation.folded:
+            try:
+                await self._stream(update.tensor, lambda piece: check_piece(piece, base))
+            except StreamError as error:
+                await self._sink.unusable(session, round_, Unusable(update, error))
+            else:
+                kept.append(update)
+        aggregation.folded = kept
+        aggregation.aggregator = aggregation.fresh_aggregator()
+        for update in kept:
+            await self._fold_into(aggregation, update)
+        return aggregation.aggregator.finalize()

@@ -1,0 +1,127 @@
+"""Arrays over the tensors topic: chunks of at most 1 MiB, located by a TensorRef.
+
+A writer sends one blob (a model or an update) as consecutive chunks keyed by the
+blob's id; other blobs may interleave on the same partition, so the reader seeks to
+the first offset, keeps the records whose key is the blob's, and stops at the last
+offset. Chunks stream out one by one: a blob is never held whole by the reader.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+import numpy as np
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from roundlog.arrays import NamedArrays, Reassembler, StreamError, raw_chunks, sha256_of, specs_of
+from roundlog.bus import TENSOR_CHUNK_BYTES
+from roundlog.domain.events import ArraySpec, TensorRef
+
+SEQ_HEADER = "roundlog-chunk"
+
+
+async def write_tensors(
+    producer: AIOKafkaProducer,
+    topic: str,
+    key: str,
+    arrays: NamedArrays,
+    chunk_bytes: int = TENSOR_CHUNK_BYTES,
+) -> TensorRef:
+    """Send the arrays' raw byte stream as chunks and say where they landed."""
+    specs = specs_of(arrays)
+    chunks = list(raw_chunks(arrays, chunk_bytes)) or [memoryview(b"")]
+    key_bytes = key.encode()
+    sent = [
+        await producer.send(topic, bytes(chunk), key=key_bytes, headers=[(SEQ_HEADER, str(seq).encode())])
+        for seq, chunk in enumerate(chunks)
+    ]
+    first, last = await sent[0], await sent[-1]
+    for future in sent[1:-1]:
+        await future
+    if first.partition != last.partition:
+        raise RuntimeError(f"chunks of {key} were spread over partitions: the partitioner must hash the key")
+    return TensorRef(
+        key=key,
+        partition=first.partition,
+        first_offset=first.offset,
+        last_offset=last.offset,
+        chunks=len(chunks),
+        nbytes=sum(len(c) for c in chunks),
+        sha256=sha256_of(arrays),
+        arrays=specs,
+    )
+
+
+async def read_chunks(consumer: AIOKafkaConsumer, topic: str, ref: TensorRef) -> AsyncIterator[bytes]:
+    """Yield the blob's chunks in order; a missing or misplaced chunk is a StreamError.
+
+    ``consumer`` is a group-less consumer this reader may re-assign and seek at will.
+    """
+    tp = TopicPartition(topic, ref.partition)
+    consumer.assign([tp])
+    consumer.seek(tp, ref.first_offset)
+    key = ref.key.encode()
+    expected_seq = 0
+    while True:
+        batch = await consumer.getmany(tp, timeout_ms=10_000, max_records=64)
+        records = batch.get(tp, [])
+        if not records:
+            raise StreamError(
+                "incomplete", f"tensors of {ref.key}: no record after offset {ref.first_offset}"
+            )
+        for record in records:
+            if record.offset > ref.last_offset:
+                break
+            if record.key != key:
+                continue
+            seq = int(dict(record.headers).get(SEQ_HEADER, b"-1"))
+            if seq != expected_seq:
+                raise StreamError(
+                    "incomplete", f"tensors of {ref.key}: chunk {seq} where {expected_seq} belongs"
+                )
+            expected_seq += 1
+            assert record.value is not None
+            yield record.value
+        if records[-1].offset >= ref.last_offset:
+            break
+    if expected_seq != ref.chunks:
+        raise StreamError("incomplete", f"tensors of {ref.key}: {expected_seq} of {ref.chunks} chunks found")
+
+
+def check_layout(ref: TensorRef, expected: Sequence[ArraySpec]) -> None:
+    """An update must have exactly the base model's names, dtypes and shapes."""
+    if len(ref.arrays) != len(expected):
+        raise StreamError("shape_mismatch", f"{len(ref.arrays)} arrays, the model has {len(expected)}")
+    for got, want in zip(ref.arrays, expected, strict=True):
+        if got.name != want.name or got.shape != want.shape:
+            raise StreamError(
+                "shape_mismatch", f"{got.name}{list(got.shape)}, expected {want.name}{list(want.shape)}"
+            )
+        if got.dtype != want.dtype:
+            raise StreamError("dtype_mismatch", f"{got.name} is {got.dtype}, expected {want.dtype}")
+
+
+async def read_tensors(consumer: AIOKafkaConsumer, topic: str, ref: TensorRef) -> NamedArrays:
+    """The whole blob as arrays, hash-checked: for export and staging, not for folding."""
+    reassembler = Reassembler(ref.arrays)
+    arrays = [np.empty(spec.shape, dtype=np.dtype(spec.dtype)) for spec in ref.arrays]
+    async for chunk in read_chunks(consumer, topic, ref):
+        for piece in reassembler.feed(chunk):
+            flat = arrays[piece.index].reshape(-1)
+            flat[piece.start : piece.start + piece.values.size] = piece.values
+    reassembler.finish(ref.sha256)
+    return [(spec.name, array) for spec, array in zip(ref.arrays, arrays, strict=True)]
+
+
+class TensorReader:
+    """Reads blobs from the tensors topic through one group-less consumer, one blob at a time."""
+
+    def __init__(self, consumer: AIOKafkaConsumer, topic: str) -> None:
+        self._consumer = consumer
+        self._topic = topic
+
+    def chunks(self, ref: TensorRef) -> AsyncIterator[bytes]:
+        return read_chunks(self._consumer, self._topic, ref)
+
+    async def arrays(self, ref: TensorRef) -> NamedArrays:
+        return await read_tensors(self._consumer, self._topic, ref)
