@@ -126,6 +126,10 @@ async def one_round(settings: Settings, clients: int, megabytes: int, distinct: 
             round_id=rid,
             client_ids=tuple(names),
             deadline=now + timedelta(hours=1),
+            task=Task.TRAINING,
+            model_id="base",
+            model=base_ref,
+            config=config,
         ),
     ]
     updates = [

@@ -101,6 +101,10 @@ class Script:
             round_id=round_id,
             client_ids=clients,
             deadline=T0 + timedelta(hours=1),
+            task=Task.TRAINING,
+            model_id="m0",
+            model=tensor_ref("m0"),
+            config=self.config,
         )  # type: ignore[arg-type]
 
     def update(self, client: str, round_id: str = "r1", update_id: str | None = None) -> UpdateReceived:

@@ -90,7 +90,16 @@ async def _play_session(producer: AIOKafkaProducer, topics: Topics, session_id: 
             ModelStaged(
                 **_stamp(), **on_round, model_id=model_id, sha256=model_ref.sha256, nbytes=model_ref.nbytes
             ),
-            ClientsAssigned(**_stamp(), **on_round, client_ids=CLIENTS, deadline=deadline),
+            ClientsAssigned(
+                **_stamp(),
+                **on_round,
+                client_ids=CLIENTS,
+                deadline=deadline,
+                task=task,
+                model_id=model_id,
+                model=model_ref,
+                config=config,
+            ),
         ]
         for n, client in enumerate(CLIENTS):
             if task == Task.TRAINING:

@@ -460,9 +460,7 @@ def test_non_finite_values_never_reach_a_model(name: str, bad: float) -> None:
 
 
 def test_folds_that_defer_the_check_are_the_fedavg_family() -> None:
-    deferred = {
-        name for name in AGGREGATORS if make_aggregator(name, {}, model(0)).checks_finite_itself
-    }
+    deferred = {name for name in AGGREGATORS if make_aggregator(name, {}, model(0)).checks_finite_itself}
     assert deferred == {"fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"}
 
 

@@ -117,12 +117,18 @@ class ModelStaged:
 
 @dataclass(frozen=True, kw_only=True)
 class ClientsAssigned:
+    """Everything an assigned client needs to do its part, so it reads one event, not the session."""
+
     event_id: str
     occurred_at: datetime
     session_id: str
     round_id: str
     client_ids: tuple[str, ...]
     deadline: datetime
+    task: Task
+    model_id: str
+    model: TensorRef
+    config: RoundConfig
 
 
 @dataclass(frozen=True, kw_only=True)
