@@ -1,0 +1,247 @@
+"""The coordinator role: it brings time and the outside world into the log.
+
+After each batch it looks at every open session's state and emits what that state
+calls for: stage the model of a requested round, assign live clients to a staged one,
+time out a collecting one whose deadline passed, request the next round or finish the
+session (``decide.follow_up``). Reacting to state rather than to single events makes a
+restart trivial: re-fold the log from the replay point, look at the states, act.
+Emitted events have deterministic ids, so an action repeated after a crash is ignored
+by every fold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka.structs import ConsumerRecord
+
+from roundlog.arrays import StreamError
+from roundlog.bus import Consumer, Topics, make_consumer, make_producer, publish
+from roundlog.clock import utc_now
+from roundlog.codec import DecodeError
+from roundlog.config import Settings
+from roundlog.domain.decide import follow_up
+from roundlog.domain.events import (
+    ClientHeartbeat,
+    ClientRole,
+    ClientsAssigned,
+    Event,
+    ModelStaged,
+    RoundFailed,
+    RoundTimedOut,
+    Task,
+    derived_id,
+)
+from roundlog.domain.ledger import Ledger
+from roundlog.domain.round import Round, RoundState
+from roundlog.domain.session import Session
+from roundlog.roles.stream import Entry, PartitionFold, refold
+from roundlog.tensors import TensorReader
+
+log = logging.getLogger("roundlog.coordinator")
+
+#: How long after its last heartbeat a client still counts as live.
+DEFAULT_CLIENT_TTL = timedelta(seconds=10)
+
+
+def _ms(moment: datetime) -> datetime:
+    """Events carry millisecond times; computed ones are cut to fit."""
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+class CoordinatorRole(ConsumerRebalanceListener):
+    def __init__(self, settings: Settings, client_ttl: timedelta = DEFAULT_CLIENT_TTL) -> None:
+        self.topics = Topics.from_prefix(settings.topic_prefix)
+        self.client_ttl = client_ttl
+        self.consumer: Consumer = make_consumer(settings, group_id=f"{settings.topic_prefix}.coordinator")
+        self.reader_consumer: Consumer = make_consumer(settings, check_crcs=False)
+        self.heartbeat_consumer: Consumer = make_consumer(settings)
+        self.producer = make_producer(settings)
+        self.folds: dict[int, PartitionFold] = {}
+        self.clients = Ledger()
+        #: ids this process has emitted and not yet seen back, so it does not emit them twice
+        self.emitted: set[str] = set()
+        self.busy = asyncio.Lock()
+        self.failure: Exception | None = None
+
+    # --- the loop ---------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        for client in (self.producer, self.reader_consumer, self.heartbeat_consumer, self.consumer):
+            await client.start()
+        heartbeats = asyncio.create_task(self._follow_heartbeats(stop))
+        self.consumer.subscribe([self.topics.events], listener=self)
+        try:
+            while not stop.is_set():
+                batch = await self.consumer.getmany(timeout_ms=200, max_records=1000)
+                if self.failure is not None:
+                    raise RuntimeError("recovering assigned partitions failed") from self.failure
+                if heartbeats.done():
+                    heartbeats.result()
+                async with self.busy:
+                    await self._process(batch)
+                    await self._act()
+        finally:
+            heartbeats.cancel()
+            for client in (self.consumer, self.heartbeat_consumer, self.reader_consumer, self.producer):
+                await client.stop()
+
+    async def _process(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
+        for tp, records in batch.items():
+            fold = self.folds[tp.partition]
+            for record in records:
+                entry = Entry.of(record)
+                if isinstance(entry.decoded, DecodeError):
+                    fold.skip(entry.offset)
+                else:
+                    self.emitted.discard(entry.decoded.event_id)
+                    fold.apply(entry.offset, entry.decoded)
+            await self.consumer.commit({tp: fold.replay_from})
+
+    async def _follow_heartbeats(self, stop: asyncio.Event) -> None:
+        """Keep the last heartbeat of every client; the clients topic is compacted, so read it all."""
+        partitions = self.heartbeat_consumer.partitions_for_topic(self.topics.clients) or set()
+        tps = [TopicPartition(self.topics.clients, p) for p in partitions]
+        self.heartbeat_consumer.assign(tps)
+        await self.heartbeat_consumer.seek_to_beginning(*tps)
+        while not stop.is_set():
+            for records in (await self.heartbeat_consumer.getmany(timeout_ms=500)).values():
+                for record in records:
+                    if isinstance(beat := Entry.of(record).decoded, ClientHeartbeat):
+                        self.clients.apply(beat)
+
+    # --- rebalancing ------------------------------------------------------------------------------
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        async with self.busy:
+            for tp in revoked:
+                self.folds.pop(tp.partition, None)
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        async with self.busy:
+            try:
+                for tp in assigned:
+                    start = await self.consumer.committed(tp) or 0
+                    end = (await self.consumer.end_offsets([tp]))[tp]
+                    fold = PartitionFold(tp.partition)
+                    await refold(self.reader_consumer, self.topics.events, fold, start, end)
+                    self.folds[tp.partition] = fold
+                    self.consumer.seek(tp, end)
+                    log.info("partition %d: re-folded offsets %d..%d", tp.partition, start, end)
+            except Exception as error:
+                self.failure = error  # aiokafka swallows a listener's exception; the loop re-raises it
+                raise
+
+    # --- what each state calls for ----------------------------------------------------------------
+
+    async def _act(self) -> None:
+        now = utc_now()
+        for fold in list(self.folds.values()):
+            for session in list(fold.ledger.sessions.values()):
+                actions: list[Event] = []
+                for round_ in session.rounds_in_order():
+                    action = await self._round_action(session, round_, now)
+                    if action is not None:
+                        actions.append(action)
+                if (next_step := follow_up(session)) is not None:
+                    actions.append(next_step)
+                await self._emit([a for a in actions if a.event_id not in self.emitted])
+
+    async def _emit(self, events: list[Event]) -> None:
+        if events:
+            await publish(self.producer, self.topics, events)
+            self.emitted.update(e.event_id for e in events)
+
+    async def _round_action(self, session: Session, round_: Round, now: datetime) -> Event | None:
+        ids = {"session_id": session.session_id, "round_id": round_.round_id}
+        if round_.state in (RoundState.REQUESTED, RoundState.STAGED) and self._answered(round_):
+            return None
+        if round_.state == RoundState.REQUESTED:
+            return await self._stage(session, round_, now)
+        if round_.state == RoundState.STAGED:
+            return self._assign(session, round_, now)
+        if round_.state == RoundState.COLLECTING and round_.deadline is not None and now >= round_.deadline:
+            return RoundTimedOut(
+                event_id=derived_id(round_.round_id, "timed-out"),
+                occurred_at=now,
+                deadline=round_.deadline,
+                **ids,
+            )
+        return None
+
+    def _answered(self, round_: Round) -> bool:
+        """Whether this process already emitted the step of a requested or staged round."""
+        steps = ("staged", "failed") if round_.state == RoundState.REQUESTED else ("assigned", "failed")
+        return any(derived_id(round_.round_id, step) in self.emitted for step in steps)
+
+    async def _stage(self, session: Session, round_: Round, now: datetime) -> Event:
+        """The base model must be one the session knows, and its bytes must hash to its sha256."""
+        ids = {"session_id": session.session_id, "round_id": round_.round_id}
+        ref = session.models.get(round_.base_model_id)
+        if ref is None:
+            detail = (
+                f"model {round_.base_model_id} is neither the session's initial model nor an aggregate of it"
+            )
+        else:
+            try:
+                await TensorReader(self.reader_consumer, self.topics.tensors).arrays(ref)
+            except StreamError as error:
+                detail = f"model {round_.base_model_id} is unreadable: {error}"
+            else:
+                return ModelStaged(
+                    event_id=derived_id(round_.round_id, "staged"),
+                    occurred_at=now,
+                    model_id=round_.base_model_id,
+                    sha256=ref.sha256,
+                    nbytes=ref.nbytes,
+                    **ids,
+                )
+        return RoundFailed(
+            event_id=derived_id(round_.round_id, "failed"),
+            occurred_at=now,
+            reason="model_missing",
+            detail=detail,
+            **ids,
+        )
+
+    def _assign(self, session: Session, round_: Round, now: datetime) -> Event:
+        """Sample up to max_clients live clients of the round's role, or fail the round for too few."""
+        ids = {"session_id": session.session_id, "round_id": round_.round_id}
+        role = ClientRole.TRAINER if round_.task == Task.TRAINING else ClientRole.VALIDATOR
+        live = self.clients.live_clients(now, self.client_ttl, role)
+        config = round_.config
+        if len(live) < max(1, config.clients_required):
+            return RoundFailed(
+                event_id=derived_id(round_.round_id, "failed"),
+                occurred_at=now,
+                reason="too_few_clients",
+                detail=f"{len(live)} live {role}s, {config.clients_required} required",
+                **ids,
+            )
+        wanted = len(live) if config.max_clients < 0 else min(config.max_clients, len(live))
+        chosen = tuple(sorted(random.Random(round_.round_id).sample(live, wanted)))
+        model = session.models[round_.base_model_id]
+        return ClientsAssigned(
+            event_id=derived_id(round_.round_id, "assigned"),
+            occurred_at=now,
+            client_ids=chosen,
+            deadline=_ms(now + timedelta(seconds=config.round_timeout)),
+            task=round_.task,
+            model_id=round_.base_model_id,
+            model=model,
+            config=config,
+            **ids,
+        )
+
+
+async def run(settings: Settings, stop: asyncio.Event) -> None:
+    ttl = timedelta(
+        seconds=float(os.environ.get("ROUNDLOG_CLIENT_TTL_S", DEFAULT_CLIENT_TTL.total_seconds()))
+    )
+    await CoordinatorRole(settings, ttl).run(stop)
