@@ -92,7 +92,7 @@ async def in_process_aggregator(settings: Settings) -> AsyncIterator[None]:
 
 
 def spawn(settings: Settings) -> subprocess.Popen[bytes]:
-    env = {**os.environ, **settings.env()}
+    env = {**os.environ, **settings.env(), "ROUNDLOG_METRICS_PORT": "0"}
     return subprocess.Popen([sys.executable, "-m", "roundlog", "serve", "--role", "aggregator"], env=env)
 
 

@@ -31,6 +31,7 @@ from roundlog.arrays import ArrayPiece, NamedArrays, Reassembler, StreamError, s
 from roundlog.domain.events import ArraySpec, Event, Task, TensorRef, UpdateReceived
 from roundlog.domain.round import Round, RoundState
 from roundlog.domain.session import Outcome, Session
+from roundlog.observability import FOLD_BYTES
 from roundlog.roles.stream import PartitionFold
 from roundlog.tensors import TensorReader, check_layout
 
@@ -214,6 +215,7 @@ class LogAggregation:
     async def _stream(self, ref: TensorRef, take: Callable[[ArrayPiece], None]) -> None:
         reassembler = Reassembler(ref.arrays)
         async for chunk in self._reader.chunks(ref):
+            FOLD_BYTES.inc(len(chunk))
             for piece in reassembler.feed(chunk):
                 take(piece)
         reassembler.finish(ref.sha256)

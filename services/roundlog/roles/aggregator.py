@@ -11,21 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
 
-from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.structs import ConsumerRecord
-
+from roundlog import observability as obs
 from roundlog.arrays import sha256_of
-from roundlog.bus import Consumer, Topics, make_consumer, make_producer, publish
 from roundlog.clock import utc_now
-from roundlog.codec import DecodeError
 from roundlog.config import Settings
-from roundlog.domain.events import RoundAggregated, RoundFailed, UpdateRejected, derived_id
+from roundlog.domain.events import Event, RoundAggregated, RoundFailed, UpdateRejected, derived_id
 from roundlog.domain.round import Round
-from roundlog.domain.session import Session
+from roundlog.domain.session import Outcome, Session
 from roundlog.roles.aggregation import Closed, LogAggregation, Unusable
-from roundlog.roles.stream import Entry, PartitionFold, refold
+from roundlog.roles.base import FoldingRole
+from roundlog.roles.stream import PartitionFold
 from roundlog.tensors import TensorReader, write_tensors
 
 log = logging.getLogger("roundlog.aggregator")
@@ -38,15 +34,13 @@ def model_id_of(round_id: str) -> str:
 class EmittingSink:
     """Writes each new model to the tensors topic and announces it on the events topic."""
 
-    def __init__(self, producer: AIOKafkaProducer, topics: Topics) -> None:
-        self._producer = producer
-        self._topics = topics
+    def __init__(self, role: FoldingRole) -> None:
+        self._role = role
 
     async def unusable(self, session: Session, round_: Round, rejection: Unusable) -> None:
         update = rejection.update
-        log.warning(
-            "update %s of round %s is unusable: %s", update.update_id, round_.round_id, rejection.error
-        )
+        ids = {"session_id": session.session_id, "round_id": round_.round_id}
+        log.warning("update %s is unusable: %s", update.update_id, rejection.error, extra=ids)
         event = UpdateRejected(
             event_id=derived_id(round_.round_id, "unusable", update.update_id),
             occurred_at=utc_now(),
@@ -57,11 +51,13 @@ class EmittingSink:
             reason=rejection.error.reason,
             detail=rejection.error.detail,
         )
-        await publish(self._producer, self._topics, [event])
+        obs.REJECTED.labels("aggregator", rejection.error.reason).inc()
+        await self._role.emit([event])
 
     async def closed(self, session: Session, round_: Round, outcome: Closed) -> None:
         if outcome.result is None or outcome.aggregation is None:
-            log.warning("round %s failed: %s %s", round_.round_id, outcome.fail_reason, outcome.detail)
+            ids = {"session_id": session.session_id, "round_id": round_.round_id}
+            log.warning("round failed: %s %s", outcome.fail_reason, outcome.detail, extra=ids)
             failed = RoundFailed(
                 event_id=derived_id(round_.round_id, "failed"),
                 occurred_at=utc_now(),
@@ -70,15 +66,16 @@ class EmittingSink:
                 reason=outcome.fail_reason,
                 detail=outcome.detail,
             )
-            await publish(self._producer, self._topics, [failed])
+            await self._role.emit([failed])
             return
         result, aggregation = outcome.result, outcome.aggregation
         model_id = model_id_of(round_.round_id)
-        tensor = await write_tensors(self._producer, self._topics.tensors, model_id, result.arrays)
+        producer, topic = self._role.producer, self._role.topics.tensors
+        tensor = await write_tensors(producer, topic, model_id, result.arrays)
         state = None
         if result.state is not None:
             state_key = derived_id(round_.round_id, "optimizer-state")
-            state = await write_tensors(self._producer, self._topics.tensors, state_key, result.state)
+            state = await write_tensors(producer, topic, state_key, result.state)
         aggregated = RoundAggregated(
             event_id=derived_id(round_.round_id, "aggregated"),
             occurred_at=utc_now(),
@@ -93,88 +90,36 @@ class EmittingSink:
             time_model_load=aggregation.load_seconds,
             time_aggregation=aggregation.fold_seconds,
         )
-        await publish(self._producer, self._topics, [aggregated])
+        await self._role.emit([aggregated])
         log.info(
-            "round %s aggregated: %d updates, weight %g, model %s sha256 %s",
-            round_.round_id,
+            "round aggregated: %d updates, weight %g, model %s sha256 %s",
             result.updates,
             result.total_weight,
             model_id,
             sha256_of(result.arrays)[:12],
+            extra={"session_id": session.session_id, "round_id": round_.round_id},
         )
 
 
-class AggregatorRole(ConsumerRebalanceListener):
-    """One member of the aggregator group: a loop of consume -> fold -> emit -> commit."""
+class AggregatorRole(FoldingRole):
+    """One member of the aggregator group: consume -> fold updates -> emit models -> commit."""
+
+    role = "aggregator"
 
     def __init__(self, settings: Settings) -> None:
-        self.topics = Topics.from_prefix(settings.topic_prefix)
-        self.consumer: Consumer = make_consumer(settings, group_id=f"{settings.topic_prefix}.aggregator")
-        # tensors carry a sha256 over the whole stream, so the per-batch CRC pass is redundant
-        self.reader_consumer: Consumer = make_consumer(settings, check_crcs=False)
-        self.producer = make_producer(settings)
-        self.folds: dict[int, PartitionFold] = {}
-        #: a rebalance callback and the processing of a batch never interleave
-        self.busy = asyncio.Lock()
-        self.failure: Exception | None = None
+        super().__init__(settings)
         self.aggregation = LogAggregation(
-            TensorReader(self.reader_consumer, self.topics.tensors), EmittingSink(self.producer, self.topics)
+            TensorReader(self.reader_consumer, self.topics.tensors), EmittingSink(self)
         )
 
-    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        async with self.busy:
-            for tp in revoked:
-                self.folds.pop(tp.partition, None)
-                self.aggregation.forget_partition(tp.partition)
+    async def apply(self, fold: PartitionFold, offset: int, event: Event) -> Outcome:
+        return await self.aggregation.apply(fold, offset, event)
 
-    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        async with self.busy:
-            try:
-                for tp in assigned:
-                    await self._recover(tp)
-            except Exception as error:
-                # aiokafka logs and swallows a listener's exception; the loop re-raises it instead.
-                self.failure = error
-                raise
-
-    async def _recover(self, tp: TopicPartition) -> None:
-        """Rebuild a new partition from its replay point, then resume its open rounds."""
-        start = await self.consumer.committed(tp) or 0
-        end = (await self.consumer.end_offsets([tp]))[tp]
-        fold = PartitionFold(tp.partition)
-        await refold(self.reader_consumer, self.topics.events, fold, start, end)
-        self.folds[tp.partition] = fold
+    async def resume(self, fold: PartitionFold) -> None:
         await self.aggregation.resume(fold)
-        self.consumer.seek(tp, end)
-        log.info("partition %d: re-folded offsets %d..%d, resuming", tp.partition, start, end)
 
-    async def run(self, stop: asyncio.Event) -> None:
-        await self.producer.start()
-        await self.reader_consumer.start()
-        await self.consumer.start()
-        self.consumer.subscribe([self.topics.events], listener=self)
-        try:
-            while not stop.is_set():
-                batch = await self.consumer.getmany(timeout_ms=200, max_records=500)
-                if self.failure is not None:
-                    raise RuntimeError("recovering assigned partitions failed") from self.failure
-                async with self.busy:
-                    await self._process(batch)
-        finally:
-            await self.consumer.stop()
-            await self.reader_consumer.stop()
-            await self.producer.stop()
-
-    async def _process(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
-        for tp, records in batch.items():
-            fold = self.folds[tp.partition]
-            for record in records:
-                entry = Entry.of(record)
-                if isinstance(entry.decoded, DecodeError):
-                    fold.skip(entry.offset)
-                else:
-                    await self.aggregation.apply(fold, entry.offset, entry.decoded)
-            await self.consumer.commit({tp: fold.replay_from})
+    def forget(self, partition: int) -> None:
+        self.aggregation.forget_partition(partition)
 
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:

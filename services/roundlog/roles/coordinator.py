@@ -15,16 +15,13 @@ import asyncio
 import logging
 import os
 import random
-from collections.abc import Iterable
 from datetime import datetime, timedelta
 
-from aiokafka import ConsumerRebalanceListener, TopicPartition
-from aiokafka.structs import ConsumerRecord
+from aiokafka import TopicPartition
 
 from roundlog.arrays import StreamError
-from roundlog.bus import Consumer, Topics, make_consumer, make_producer, publish
+from roundlog.bus import Consumer, make_consumer
 from roundlog.clock import utc_now
-from roundlog.codec import DecodeError
 from roundlog.config import Settings
 from roundlog.domain.decide import follow_up
 from roundlog.domain.events import (
@@ -40,8 +37,9 @@ from roundlog.domain.events import (
 )
 from roundlog.domain.ledger import Ledger
 from roundlog.domain.round import Round, RoundState
-from roundlog.domain.session import Session
-from roundlog.roles.stream import Entry, PartitionFold, refold
+from roundlog.domain.session import Outcome, Session
+from roundlog.roles.base import FoldingRole
+from roundlog.roles.stream import Entry, PartitionFold
 from roundlog.tensors import TensorReader
 
 log = logging.getLogger("roundlog.coordinator")
@@ -55,54 +53,32 @@ def _ms(moment: datetime) -> datetime:
     return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
 
 
-class CoordinatorRole(ConsumerRebalanceListener):
+class CoordinatorRole(FoldingRole):
+    role = "coordinator"
+
     def __init__(self, settings: Settings, client_ttl: timedelta = DEFAULT_CLIENT_TTL) -> None:
-        self.topics = Topics.from_prefix(settings.topic_prefix)
+        super().__init__(settings)
         self.client_ttl = client_ttl
-        self.consumer: Consumer = make_consumer(settings, group_id=f"{settings.topic_prefix}.coordinator")
-        self.reader_consumer: Consumer = make_consumer(settings, check_crcs=False)
         self.heartbeat_consumer: Consumer = make_consumer(settings)
-        self.producer = make_producer(settings)
-        self.folds: dict[int, PartitionFold] = {}
         self.clients = Ledger()
         #: ids this process has emitted and not yet seen back, so it does not emit them twice
         self.emitted: set[str] = set()
-        self.busy = asyncio.Lock()
-        self.failure: Exception | None = None
-
-    # --- the loop ---------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        for client in (self.producer, self.reader_consumer, self.heartbeat_consumer, self.consumer):
-            await client.start()
+        await self.heartbeat_consumer.start()
         heartbeats = asyncio.create_task(self._follow_heartbeats(stop))
-        self.consumer.subscribe([self.topics.events], listener=self)
         try:
-            while not stop.is_set():
-                batch = await self.consumer.getmany(timeout_ms=200, max_records=1000)
-                if self.failure is not None:
-                    raise RuntimeError("recovering assigned partitions failed") from self.failure
-                if heartbeats.done():
-                    heartbeats.result()
-                async with self.busy:
-                    await self._process(batch)
-                    await self._act()
+            await super().run(stop)
         finally:
             heartbeats.cancel()
-            for client in (self.consumer, self.heartbeat_consumer, self.reader_consumer, self.producer):
-                await client.stop()
+            await self.heartbeat_consumer.stop()
 
-    async def _process(self, batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
-        for tp, records in batch.items():
-            fold = self.folds[tp.partition]
-            for record in records:
-                entry = Entry.of(record)
-                if isinstance(entry.decoded, DecodeError):
-                    fold.skip(entry.offset)
-                else:
-                    self.emitted.discard(entry.decoded.event_id)
-                    fold.apply(entry.offset, entry.decoded)
-            await self.consumer.commit({tp: fold.replay_from})
+    async def apply(self, fold: PartitionFold, offset: int, event: Event) -> Outcome:
+        self.emitted.discard(event.event_id)
+        return fold.apply(offset, event)
+
+    async def after_batch(self) -> None:
+        await self._act()
 
     async def _follow_heartbeats(self, stop: asyncio.Event) -> None:
         """Keep the last heartbeat of every client; the clients topic is compacted, so read it all."""
@@ -115,28 +91,6 @@ class CoordinatorRole(ConsumerRebalanceListener):
                 for record in records:
                     if isinstance(beat := Entry.of(record).decoded, ClientHeartbeat):
                         self.clients.apply(beat)
-
-    # --- rebalancing ------------------------------------------------------------------------------
-
-    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        async with self.busy:
-            for tp in revoked:
-                self.folds.pop(tp.partition, None)
-
-    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        async with self.busy:
-            try:
-                for tp in assigned:
-                    start = await self.consumer.committed(tp) or 0
-                    end = (await self.consumer.end_offsets([tp]))[tp]
-                    fold = PartitionFold(tp.partition)
-                    await refold(self.reader_consumer, self.topics.events, fold, start, end)
-                    self.folds[tp.partition] = fold
-                    self.consumer.seek(tp, end)
-                    log.info("partition %d: re-folded offsets %d..%d", tp.partition, start, end)
-            except Exception as error:
-                self.failure = error  # aiokafka swallows a listener's exception; the loop re-raises it
-                raise
 
     # --- what each state calls for ----------------------------------------------------------------
 
@@ -155,7 +109,7 @@ class CoordinatorRole(ConsumerRebalanceListener):
 
     async def _emit(self, events: list[Event]) -> None:
         if events:
-            await publish(self.producer, self.topics, events)
+            await self.emit(events)
             self.emitted.update(e.event_id for e in events)
 
     async def _round_action(self, session: Session, round_: Round, now: datetime) -> Event | None:

@@ -1,0 +1,129 @@
+"""The loop every role shares: consume -> fold -> react -> commit, restartable from the log.
+
+A ``FoldingRole`` is one member of its role's consumer group on the events topic. On
+assignment it re-folds each new partition silently from its restart point (by default
+the group's committed offset, which roles keep at the partition's replay point), and
+after each batch it commits that replay point again. Subclasses say what to do with an
+applied event (``apply``), after a batch (``after_batch``) and after a re-fold
+(``resume``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Sequence
+from typing import ClassVar
+
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka.structs import ConsumerRecord
+
+from roundlog import observability as obs
+from roundlog.bus import Consumer, Topics, make_consumer, make_producer, publish
+from roundlog.codec import DecodeError
+from roundlog.config import Settings
+from roundlog.domain.events import Event
+from roundlog.domain.session import Outcome
+from roundlog.roles.stream import Entry, PartitionFold, refold
+
+Batch = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+
+
+class FoldingRole(ConsumerRebalanceListener):
+    role: ClassVar[str]
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.topics = Topics.from_prefix(settings.topic_prefix)
+        self.log = logging.getLogger(f"roundlog.{self.role}")
+        self.consumer: Consumer = make_consumer(settings, group_id=f"{settings.topic_prefix}.{self.role}")
+        # tensors carry a sha256 over the whole stream, so the per-batch CRC pass is redundant
+        self.reader_consumer: Consumer = make_consumer(settings, check_crcs=False)
+        self.producer = make_producer(settings)
+        self.folds: dict[int, PartitionFold] = {}
+        #: a rebalance callback and the processing of a batch never interleave
+        self.busy = asyncio.Lock()
+        self.failure: Exception | None = None
+
+    # --- hooks ------------------------------------------------------------------------------------
+
+    async def apply(self, fold: PartitionFold, offset: int, event: Event) -> Outcome:
+        return fold.apply(offset, event)
+
+    async def after_batch(self) -> None:
+        """Called after every poll, with or without records: time passes for the coordinator."""
+
+    async def resume(self, fold: PartitionFold) -> None:
+        """Called when a partition has been re-folded up to its end."""
+
+    def forget(self, partition: int) -> None:
+        """Called when a partition moves to another member."""
+
+    # --- shared machinery -------------------------------------------------------------------------
+
+    async def emit(self, events: Sequence[Event]) -> None:
+        await publish(self.producer, self.topics, events)
+        for event in events:
+            obs.EMITTED.labels(self.role, type(event).__name__).inc()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.producer.start()
+        await self.reader_consumer.start()
+        await self.consumer.start()
+        try:
+            self.consumer.subscribe([self.topics.events], listener=self)
+            async with obs.lag_watch(self.consumer, self.topics.events, self.role):
+                while not stop.is_set():
+                    batch = await self.consumer.getmany(timeout_ms=200, max_records=1000)
+                    obs.heartbeat(self.role)
+                    if self.failure is not None:
+                        raise RuntimeError("re-folding assigned partitions failed") from self.failure
+                    async with self.busy:
+                        await self._process(batch)
+                        await self.after_batch()
+        finally:
+            await self.consumer.stop()  # leaves the group, so the partitions move on at once
+            await self.reader_consumer.stop()
+            await self.producer.stop()
+
+    async def _process(self, batch: Batch) -> None:
+        for tp, records in batch.items():
+            fold = self.folds[tp.partition]
+            for record in records:
+                entry = Entry.of(record)
+                if isinstance(entry.decoded, DecodeError):
+                    obs.REJECTED.labels(self.role, entry.decoded.reason).inc()
+                    fold.skip(entry.offset)
+                    continue
+                obs.EVENTS.labels(self.role, type(entry.decoded).__name__).inc()
+                outcome = await self.apply(fold, entry.offset, entry.decoded)
+                if outcome.refusal is not None:
+                    obs.REJECTED.labels(self.role, outcome.refusal.reason).inc()
+            await self.consumer.commit({tp: fold.replay_from})
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        async with self.busy:
+            for tp in revoked:
+                self.folds.pop(tp.partition, None)
+                self.forget(tp.partition)
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        async with self.busy:
+            try:
+                for tp in assigned:
+                    await self._recover(tp)
+            except Exception as error:
+                self.failure = error  # aiokafka logs and swallows a listener's error; the loop raises it
+                raise
+
+    async def _recover(self, tp: TopicPartition) -> None:
+        """Re-fold a new partition from its replay point to its end, then let the role resume."""
+        start = await self.consumer.committed(tp) or 0
+        end = (await self.consumer.end_offsets([tp]))[tp]
+        fold = PartitionFold(tp.partition)
+        await refold(self.reader_consumer, self.topics.events, fold, start, end)
+        self.folds[tp.partition] = fold
+        await self.resume(fold)
+        self.consumer.seek(tp, end)
+        obs.heartbeat(self.role)
+        self.log.info("re-folded offsets %d..%d", start, end, extra={"partition": tp.partition})
