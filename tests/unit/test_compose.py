@@ -1,8 +1,8 @@
 """compose/ starts the same ``roundlog`` commands the tests run, with settings roundlog agrees with.
 
 PyYAML is no dependency, so the commands are read line by line: compose.yaml writes each
-``command:`` as a one-line JSON array (valid YAML). Where the Docker CLI has compose,
-``docker compose config`` validates the whole file and must see the same commands.
+``command:`` as a one-line JSON array (valid YAML). ``docker compose config`` validated the
+whole file where a compose plugin was at hand (docs/operations.md); no Docker engine runs here.
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -82,34 +80,3 @@ def test_broker_takes_roundlogs_largest_records_and_creates_no_topic_itself() ->
     assert 'KAFKA_AUTO_CREATE_TOPICS_ENABLE: "false"' in text
     port = re.search(r'ROUNDLOG_METRICS_PORT: "(\d+)"', text)
     assert port and f"http://127.0.0.1:{port[1]}/healthz" in text
-
-
-def compose_cli() -> list[str] | None:
-    docker = shutil.which("docker")
-    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
-        return [docker, "compose"]
-    return None
-
-
-@pytest.mark.skipif(compose_cli() is None, reason="the Docker CLI here has no compose plugin")
-def test_docker_compose_config_validates_and_sees_the_same_commands() -> None:
-    path = COMPOSE / "compose.yaml"
-    result = subprocess.run(
-        [*(compose_cli() or []), "-f", str(path), "config", "--format", "json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    services = json.loads(result.stdout)["services"]
-    assert {name: s.get("command") for name, s in services.items() if s.get("command")} == commands(
-        path.read_text()
-    )
-    assert services["aggregator"]["deploy"]["replicas"] == 2
-    for role in ROLES:
-        assert services[role]["depends_on"]["init"]["condition"] == "service_completed_successfully"
-        assert services[role]["healthcheck"]["test"][0] == "CMD"
-    assert services["init"]["entrypoint"] == ["/bin/sh", "-ec"]
-    assert {services["init"]["depends_on"][s]["condition"] for s in ("kafka", "postgres")} == {
-        "service_healthy"
-    }
