@@ -1,0 +1,120 @@
+"""What the end-to-end tests share: roles as real processes, simulated clients, reading the log back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import numpy as np
+from aiokafka import TopicPartition
+
+from roundlog.bus import Topics, make_consumer
+from roundlog.client import FederatedClient
+from roundlog.codec import DecodeError, decode
+from roundlog.config import Settings
+from roundlog.domain.events import Event, RoundConfig, SessionFinished
+from roundlog.domain.ledger import Ledger
+from roundlog.domain.session import Outcome
+from roundlog.roles.stream import read_range
+
+#: Short group sessions, so a killed member's partitions move on within seconds.
+FAST_GROUPS = {"ROUNDLOG_GROUP_SESSION_TIMEOUT_MS": "3000", "ROUNDLOG_METRICS_PORT": "0"}
+
+
+def role_process(settings: Settings, role: str, **env: str) -> subprocess.Popen[bytes]:
+    """``roundlog serve --role ROLE`` as a real process on the test's topics (and database)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "roundlog", "serve", "--role", role],
+        env={**os.environ, **settings.env(), **FAST_GROUPS, **env},
+    )
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def model() -> list[tuple[str, np.ndarray[Any, Any]]]:
+    return [("w", np.zeros((16, 8), np.float32)), ("b", np.zeros(8, np.float32))]
+
+
+def trainer(k: int) -> Any:
+    """Client k's training: a deterministic step away from the model, weighted by 10 + k examples."""
+
+    def train(arrays: Sequence[tuple[str, np.ndarray[Any, Any]]], config: RoundConfig) -> Any:
+        step = [(name, (a + np.float32(0.1 * (k + 1))).astype(a.dtype)) for name, a in arrays]
+        return step, 10 + k, {"loss": 1.0 / (k + 1)}
+
+    return train
+
+
+def validator(arrays: Sequence[tuple[str, np.ndarray[Any, Any]]], config: RoundConfig) -> Any:
+    return 5, {"mean": float(np.mean(arrays[0][1]))}
+
+
+@contextlib.asynccontextmanager
+async def clients(settings: Settings, count: int, **options: Any) -> AsyncIterator[list[FederatedClient]]:
+    """``count`` simulated clients that train and validate, running until the block ends."""
+    stop = asyncio.Event()
+    fleet = [
+        FederatedClient(
+            settings, f"client-{k}", train=trainer(k), validate=validator, heartbeat_every=0.5, **options
+        )
+        for k in range(count)
+    ]
+    tasks = [asyncio.create_task(c.run(stop)) for c in fleet]
+    try:
+        yield fleet
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+
+
+async def read_log(settings: Settings, topics: Topics) -> dict[int, list[tuple[int, Event]]]:
+    """Every decodable event of the events topic, per partition, with its offset."""
+    consumer = make_consumer(settings)
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topics.events) or set()
+        ends = await consumer.end_offsets([TopicPartition(topics.events, p) for p in partitions])
+        log: dict[int, list[tuple[int, Event]]] = {}
+        for tp, end in ends.items():
+            entries = [e async for e in read_range(consumer, topics.events, tp.partition, 0, end)]
+            log[tp.partition] = [
+                (e.offset, e.decoded) for e in entries if not isinstance(e.decoded, DecodeError)
+            ]
+        return log
+    finally:
+        await consumer.stop()
+
+
+def fold_log(log: dict[int, list[tuple[int, Event]]]) -> list[tuple[Event, Outcome]]:
+    """Fold every partition as any role does; the events with what each one did."""
+    folded = []
+    for entries in log.values():
+        ledger = Ledger()
+        folded += [(event, ledger.apply(event)) for _, event in entries]
+    return folded
+
+
+async def wait_until_finished(settings: Settings, topics: Topics, sessions: set[str], timeout: float) -> None:
+    consumer = make_consumer(settings)
+    await consumer.start()
+    consumer.subscribe([topics.events])
+    left = set(sessions)
+    try:
+        async with asyncio.timeout(timeout):
+            while left:
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    for record in records:
+                        event = decode(record.value or b"")
+                        if isinstance(event, SessionFinished):
+                            left.discard(event.session_id)
+    finally:
+        await consumer.stop()
