@@ -1,0 +1,128 @@
+"""Scale-out, proven: two aggregators and two projectors share the partitions, one of each is SIGKILLed.
+
+Four sessions run at once over the group's members. Afterwards every round has taken effect
+exactly once, every model equals a single-process re-fold of the same log bit for bit, and
+the projections equal a clean single-process replay of the whole log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import signal
+from collections import Counter
+
+import psycopg
+from aiokafka import TopicPartition
+
+from roundlog.audit import verify_models
+from roundlog.bus import Topics, make_consumer, make_producer
+from roundlog.client import import_model, start_session
+from roundlog.clock import utc_now
+from roundlog.codec import decode
+from roundlog.config import Settings
+from roundlog.domain.events import RoundAggregated, RoundConfig, SessionFinished
+from roundlog.projections.schema import upgrade
+from roundlog.replay import replay
+from roundlog.roles.projector import consumer_name
+
+from tests.integration.harness import (
+    clients,
+    fold_log,
+    model,
+    read_log,
+    role_process,
+    stop_process,
+    wait_until_finished,
+)
+
+SESSIONS = 4
+ROUNDS = 3
+
+
+async def first_aggregate(settings: Settings, topics: Topics) -> RoundAggregated:
+    consumer = make_consumer(settings)
+    await consumer.start()
+    consumer.subscribe([topics.events])
+    try:
+        async with asyncio.timeout(120):
+            while True:
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    for record in records:
+                        if isinstance(event := decode(record.value or b""), RoundAggregated):
+                            return event
+    finally:
+        await consumer.stop()
+
+
+async def caught_up(settings: Settings, topics: Topics) -> None:
+    """Wait until the surviving projector has committed every partition's end offset to PostgreSQL."""
+    consumer = make_consumer(settings)
+    await consumer.start()
+    partitions = consumer.partitions_for_topic(topics.events) or set()
+    ends = await consumer.end_offsets([TopicPartition(topics.events, p) for p in partitions])
+    await consumer.stop()
+    url = settings.database_url.replace("postgresql+psycopg://", "postgresql://")
+    async with asyncio.timeout(90):
+        while True:
+            async with await psycopg.AsyncConnection.connect(url) as conn:
+                query = (
+                    "SELECT partition, next_offset FROM projector_offsets WHERE consumer = %s AND topic = %s"
+                )
+                rows = await (await conn.execute(query, (consumer_name(settings), topics.events))).fetchall()
+            done = {p: o for p, o in rows}
+            if all(done.get(tp.partition, 0) >= end for tp, end in ends.items()):
+                return
+            await asyncio.sleep(0.5)
+
+
+async def test_two_of_each_role_share_the_work_and_survive_a_kill(
+    topics: tuple[Settings, Topics], database_url: str
+) -> None:
+    settings = dataclasses.replace(topics[0], database_url=database_url)
+    names = topics[1]
+    await asyncio.to_thread(upgrade, database_url)
+    roles = {
+        "coordinator": [role_process(settings, "coordinator")],
+        "aggregator": [role_process(settings, "aggregator") for _ in range(2)],
+        "projector": [role_process(settings, "projector") for _ in range(2)],
+    }
+    try:
+        async with clients(settings, 4):
+            producer = make_producer(settings)
+            await producer.start()
+            model_id, ref = await import_model(producer, names, model())
+            config = RoundConfig(round_timeout=60, buffer_size=-1)
+            sessions = {
+                await start_session(
+                    producer, names, model_id=model_id, model=ref, rounds=ROUNDS, config=config
+                )
+                for _ in range(SESSIONS)
+            }
+            await producer.stop()
+            # mid-run: the first model is out, so the groups have formed and rounds are under way
+            await first_aggregate(settings, names)
+            for role in ("aggregator", "projector"):
+                roles[role][0].send_signal(signal.SIGKILL)
+                roles[role][0].wait()
+            killed_at = utc_now()
+            await wait_until_finished(settings, names, sessions, timeout=240)
+        await caught_up(settings, names)
+    finally:
+        for processes in roles.values():
+            for process in processes:
+                stop_process(process)
+
+    folded = fold_log(await read_log(settings, names))
+    applied = [event for event, outcome in folded if outcome.applied]
+    finished = [e for e in applied if isinstance(e, SessionFinished)]
+    assert all(e.occurred_at > killed_at for e in finished), "the kills came before any session ended"
+    assert {e.session_id for e in finished} == sessions and all(e.succeeded for e in finished)
+    per_round = Counter((e.session_id, e.round_id) for e in applied if isinstance(e, RoundAggregated))
+    assert len(per_round) == SESSIONS * ROUNDS and set(per_round.values()) == {1}
+
+    audit = await verify_models(settings)
+    assert audit.rounds_checked == SESSIONS * ROUNDS and audit.ok, audit.mismatches
+
+    report = await replay(settings, "scale_out_replay")
+    assert report.identical, report.render()
