@@ -29,6 +29,9 @@ Handler = Callable[[argparse.Namespace], int]
 GROUPS = {
     "topics": "manage roundlog's Kafka topics",
     "db": "manage the projection tables in PostgreSQL (Alembic migrations shipped in the package)",
+    "model": "bring models in from .npz files and write them back out",
+    "session": "start sessions of training rounds",
+    "round": "ask a running session for a round",
 }
 
 
@@ -158,20 +161,39 @@ def machine(args: argparse.Namespace) -> int:
 
 @command(
     "demo",
-    help="run the demo on the embedded stack (or on the servers the environment names)",
-    example="roundlog demo",
+    help="federated training of a digits classifier by simulated clients through every role, on the "
+    "embedded stack (or on the servers the environment names); ends with a replay and a model audit",
+    example="roundlog demo --clients 20 --rounds 8 --aggregator fedadam --stragglers 2",
+    arguments=[
+        arg("--clients", type=int, default=10, metavar="N", help="simulated clients (default: 10)"),
+        arg("--rounds", type=int, default=5, metavar="N", help="training rounds (default: 5)"),
+        arg("--aggregator", default="fedavg", metavar="NAME", help="aggregator (default: fedavg)"),
+        arg(
+            "--stragglers",
+            type=int,
+            default=1,
+            metavar="N",
+            help="clients whose updates arrive after their round closed (default: 1)",
+        ),
+        arg("--seed", type=int, default=0, help="data split and local training seed (default: 0)"),
+    ],
 )
 def demo(args: argparse.Namespace) -> int:
+    from roundlog.demo import Options, run
     from roundlog.embedded import stack_settings
 
-    # Imported by name: roundlog.demo is the one module the demo issue replaces wholesale.
-    run = importlib.import_module("roundlog.demo").run
+    _check_aggregator(args.aggregator)
+    try:
+        options = Options(args.clients, args.rounds, args.aggregator, args.stragglers, args.seed)
+    except ValueError as exc:
+        raise SystemExit(f"roundlog: {exc}") from None
     with stack_settings() as settings:
-        return int(run(settings) or 0)
+        return run(settings, options)
 
 
 #: Each role's module has ``async def run(settings, stop)``; adding a role is one line here.
 ROLES = {
+    "coordinator": "roundlog.roles.coordinator",
     "aggregator": "roundlog.roles.aggregator",
     "projector": "roundlog.roles.projector",
 }
@@ -193,16 +215,27 @@ ROLES = {
     ],
 )
 def serve(args: argparse.Namespace) -> int:
+    from roundlog import observability
+
     settings = Settings.from_env()
+    ops = observability.OpsSettings.from_env()
+    observability.configure_logging(ops.log_level, json=ops.log_format == "json")
     names = list(ROLES) if "all" in args.role else list(dict.fromkeys(args.role))
-    runners = [importlib.import_module(ROLES[name]).run for name in names]
+    runners = {name: importlib.import_module(ROLES[name]).run for name in names}
 
     async def run_all() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await asyncio.gather(*(run(settings, stop) for run in runners))
+
+        async def tracked(name: str) -> None:
+            with observability.LIVENESS.track(name, ops.stale_after):
+                await runners[name](settings, stop)
+
+        # One endpoint per process, up before the roles so a slow first join is visible as such.
+        async with await observability.serve_health(ops.metrics_port):
+            await asyncio.gather(*(tracked(name) for name in names))
 
     uvloop.run(run_all())
     return 0
@@ -300,3 +333,473 @@ def replay_command(args: argparse.Namespace) -> int:
             print(f"  session {mismatch.session_id} round {mismatch.round_id}: {mismatch.detail}")
         ok = ok and audit.ok
     return 0 if ok else 1
+
+
+# --- models, sessions, rounds: the producer helpers of roundlog.client, from the shell ------------
+
+
+def _check_aggregator(name: str) -> None:
+    from roundlog.aggregation import AGGREGATORS
+
+    if name not in AGGREGATORS:
+        raise SystemExit(f"roundlog: unknown aggregator {name!r}; one of {', '.join(AGGREGATORS)}")
+
+
+def _lookup(settings: Settings, table_name: str, given: str) -> Any:
+    """The projection row whose id is ``given`` or starts with it: ids are long, prefixes are handy."""
+    import sqlalchemy as sa
+
+    from roundlog.projections import tables
+
+    table = tables.metadata.tables[table_name]
+    key = next(iter(table.primary_key.columns))
+    engine = sa.create_engine(settings.database_url, poolclass=sa.NullPool)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(table).where(key.startswith(given, autoescape=True)).limit(2)).all()
+    finally:
+        engine.dispose()
+    kind = table_name.removesuffix("s")
+    if not rows:
+        raise SystemExit(f"roundlog: no {kind} {given!r} in the projections (is the projector running?)")
+    if len(rows) > 1:
+        raise SystemExit(f"roundlog: {given!r} is the start of several {table_name}' ids; give more of it")
+    return rows[0]
+
+
+def _tensor_ref(model: Any) -> Any:
+    """The TensorRef of a ``models`` row: the inverse of how the projector stores it."""
+    from roundlog.domain.events import ArraySpec, TensorRef
+
+    return TensorRef(
+        **model.tensor,
+        nbytes=model.nbytes,
+        sha256=model.sha256,
+        arrays=tuple(
+            ArraySpec(name=a["name"], dtype=a["dtype"], shape=tuple(a["shape"])) for a in model.layout
+        ),
+    )
+
+
+async def _producing(settings: Settings, work: Callable[[Any, Any], Any]) -> Any:
+    """Run ``work(producer, topics)`` with a started producer."""
+    from roundlog.bus import Topics, make_producer
+
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        return await work(producer, Topics.from_prefix(settings.topic_prefix))
+    finally:
+        await producer.stop()
+
+
+@command(
+    "model import",
+    help="store the arrays of an .npz file (names, dtypes, shapes and order kept) as a model and print "
+    "its id, which derives from the bytes: importing the same arrays again gives the same id",
+    example="roundlog model import initial.npz --name resnet-init",
+    arguments=[
+        arg("file", metavar="FILE.npz", help="arrays as written by numpy.savez"),
+        arg("--name", help="a name for people (default: the file's name without .npz)"),
+    ],
+)
+def model_import(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    from roundlog.client import import_model
+
+    settings = Settings.from_env()
+    with np.load(args.file, allow_pickle=False) as npz:
+        arrays = [(name, npz[name]) for name in npz.files]
+    name = Path(args.file).name.removesuffix(".npz") if args.name is None else args.name
+    model_id, _ = asyncio.run(_producing(settings, lambda p, t: import_model(p, t, arrays, name)))
+    print(model_id)
+    return 0
+
+
+@command(
+    "model export",
+    help="write a model (imported or aggregated) to an .npz file, array for array as it was stored",
+    example="roundlog model export 0aac75d2 final.npz",
+    arguments=[
+        arg("model_id", metavar="ID", help="model id, or its first characters"),
+        arg("file", metavar="FILE.npz", help="where to write (numpy.savez)"),
+    ],
+)
+def model_export(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from roundlog.bus import Topics, make_consumer
+    from roundlog.tensors import read_tensors
+
+    settings = Settings.from_env()
+    ref = _tensor_ref(_lookup(settings, "models", args.model_id))
+
+    async def fetch() -> Any:
+        consumer = make_consumer(settings)
+        await consumer.start()
+        try:
+            return await read_tensors(consumer, Topics.from_prefix(settings.topic_prefix).tensors, ref)
+        finally:
+            await consumer.stop()
+
+    np.savez(args.file, **dict(asyncio.run(fetch())))
+    print(f"{args.file}: {len(ref.arrays)} arrays, {ref.nbytes:,} bytes, sha256 {ref.sha256}")
+    return 0
+
+
+#: The RoundConfig fields as flags (dest = field name); None means "not given", so defaults can differ.
+_CONFIG_ARGUMENTS = (
+    arg("--round-timeout", type=float, metavar="S", help="seconds a round collects before it times out"),
+    arg(
+        "--buffer-size",
+        type=int,
+        metavar="N",
+        help="accepted updates that close a training round; -1: every assigned client",
+    ),
+    arg("--clients-required", type=int, metavar="N", help="live clients needed to start a round"),
+    arg("--max-clients", type=int, metavar="N", help="clients sampled per round; -1: every live one"),
+    arg("--min-updates", type=int, metavar="N", help="updates (or results) a timed-out round still needs"),
+    arg("--aggregator", metavar="NAME", help="fedavg, fedavgm, fedadam, fedyogi, fedadagrad, median, ..."),
+    arg(
+        "--aggregator-kwargs",
+        metavar="JSON",
+        help='aggregator options, e.g. \'{"eta": 0.01, "max_norm": 5}\'',
+    ),
+)
+
+
+def _round_config(args: argparse.Namespace, base: Any) -> Any:
+    """``base`` (a RoundConfig) with the flags that were given; refused like the fold would refuse it."""
+    import dataclasses
+
+    from roundlog.domain.session import config_problem
+
+    given = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(base) if getattr(args, f.name) is not None
+    }
+    config = dataclasses.replace(base, **given)
+    _check_aggregator(config.aggregator)
+    problem = config_problem(config)
+    if problem is not None:
+        raise SystemExit(f"roundlog: {problem}")
+    return config
+
+
+@command(
+    "session start",
+    help="start a session of N training rounds on a stored model (imported, or aggregated by an earlier "
+    "session) and print its id; round settings default to FEDn's (timeout 180 s, all clients)",
+    example="roundlog session start --model 3f2a --rounds 10 --buffer-size 8 --validate-each-round",
+    arguments=[
+        arg("--model", required=True, metavar="ID", help="the initial model's id, or its first characters"),
+        arg("--rounds", type=int, required=True, metavar="N", help="training rounds"),
+        *_CONFIG_ARGUMENTS,
+        arg(
+            "--validate-each-round", action="store_true", help="a validation round after each training round"
+        ),
+        arg(
+            "--continue-on-failure",
+            action="store_true",
+            help="go on with the next round when one fails (default: the session fails with it)",
+        ),
+        arg("--name", default="", help="a name for people"),
+    ],
+)
+def session_start(args: argparse.Namespace) -> int:
+    from roundlog.client import start_session
+    from roundlog.domain.events import RoundConfig
+
+    settings = Settings.from_env()
+    config = _round_config(args, RoundConfig())
+    if args.rounds < 1:
+        raise SystemExit(f"roundlog: --rounds must be >= 1, not {args.rounds}")
+    model = _lookup(settings, "models", args.model)
+    session_id = asyncio.run(
+        _producing(
+            settings,
+            lambda producer, topics: start_session(
+                producer,
+                topics,
+                model_id=model.model_id,
+                model=_tensor_ref(model),
+                rounds=args.rounds,
+                config=config,
+                validate_each_round=args.validate_each_round,
+                stop_on_failure=not args.continue_on_failure,
+                name=args.name,
+            ),
+        )
+    )
+    print(session_id)
+    return 0
+
+
+@command(
+    "round request",
+    help="ask a running session for a training, validation or inference round on one of its models and "
+    "print the round id; round settings default to the session's",
+    example="roundlog round request --session 9c1e --task inference --model 0aac75d2 --round-timeout 60",
+    arguments=[
+        arg("--session", required=True, metavar="ID", help="session id, or its first characters"),
+        arg("--task", required=True, choices=["training", "validation", "inference"]),
+        arg("--model", required=True, metavar="ID", help="the model the round runs on (id or prefix)"),
+        arg(
+            "--round-no",
+            type=int,
+            metavar="N",
+            help="the round's number (default: one past the session's last round of this task)",
+        ),
+        *_CONFIG_ARGUMENTS,
+    ],
+)
+def round_request(args: argparse.Namespace) -> int:
+    import json
+
+    import sqlalchemy as sa
+
+    from roundlog.client import request_round
+    from roundlog.domain.events import RoundConfig, Task
+
+    settings = Settings.from_env()
+    session = _lookup(settings, "sessions", args.session)
+    stored = {**session.config, "aggregator_kwargs": json.dumps(session.config["aggregator_kwargs"])}
+    config = _round_config(args, RoundConfig(**stored))
+    model_id = _lookup(settings, "models", args.model).model_id
+    round_no = args.round_no
+    if round_no is None:
+        engine = sa.create_engine(settings.database_url, poolclass=sa.NullPool)
+        with engine.connect() as conn:
+            last = conn.execute(
+                sa.text("SELECT max(round_no) FROM rounds WHERE session_id = :s AND task = :t"),
+                {"s": session.session_id, "t": args.task},
+            ).scalar()
+        engine.dispose()
+        round_no = (last or 0) + 1
+    round_id = asyncio.run(
+        _producing(
+            settings,
+            lambda producer, topics: request_round(
+                producer,
+                topics,
+                session_id=session.session_id,
+                round_no=round_no,
+                task=Task(args.task),
+                model_id=model_id,
+                config=config,
+            ),
+        )
+    )
+    print(round_id)
+    return 0
+
+
+# --- watching: status from SQL, tail from the log -------------------------------------------------
+
+_SESSIONS_SQL = """
+    SELECT session_id, name, state, rounds_done, rounds_total, pct_done, current_round_no, rounds_open,
+           rounds_failed, started_at, COALESCE(finished_at, last_change_at) AS until
+    FROM session_progress ORDER BY started_at DESC LIMIT :limit
+"""
+_ROUNDS_SQL = """
+    SELECT t.round_id, t.round_no, t.task, t.state, t.timed_out, t.n_assigned, t.n_accepted, t.n_rejected,
+           t.collecting_s, t.total_s, r.fail_reason, r.aggregator
+    FROM round_timeline t JOIN rounds r USING (round_id)
+    WHERE t.session_id = :session_id ORDER BY t.round_no, t.task <> 'training', t.requested_at
+"""
+#: Example-weighted means of every metric: training metrics from accepted updates, others from results.
+_METRICS_SQL = """
+    SELECT m.round_id, kv.key, sum(kv.value::float8 * m.weight) / NULLIF(sum(m.weight), 0) AS mean
+    FROM (
+        SELECT round_id, num_examples AS weight, metrics FROM round_updates
+        WHERE session_id = :session_id AND status = 'accepted'
+        UNION ALL
+        SELECT round_id, num_examples, metrics FROM validations WHERE session_id = :session_id
+    ) AS m, jsonb_each_text(m.metrics) AS kv
+    GROUP BY m.round_id, kv.key ORDER BY kv.key
+"""
+
+
+@command(
+    "status",
+    help="show sessions and their progress from the projections; with --session, that session's rounds "
+    "with their state, counts, durations and example-weighted metrics",
+    example="roundlog status --session 9c1e",
+    arguments=[
+        arg("--session", metavar="ID", help="a session id, or its first characters"),
+        arg("--limit", type=int, default=20, metavar="N", help="most recent sessions shown (default: 20)"),
+    ],
+)
+def status(args: argparse.Namespace) -> int:
+    import sqlalchemy as sa
+    from rich.console import Console
+
+    settings = Settings.from_env()
+    session = None if args.session is None else _lookup(settings, "sessions", args.session)
+    engine = sa.create_engine(settings.database_url, poolclass=sa.NullPool)
+    try:
+        with engine.connect() as conn:
+            if session is None:
+                _print_sessions(Console(), conn.execute(sa.text(_SESSIONS_SQL), {"limit": args.limit}).all())
+            else:
+                params = {"session_id": session.session_id}
+                rounds = conn.execute(sa.text(_ROUNDS_SQL), params).all()
+                metrics = conn.execute(sa.text(_METRICS_SQL), params).all()
+                _print_session(Console(), session, rounds, metrics)
+    finally:
+        engine.dispose()
+    return 0
+
+
+def _print_sessions(console: Any, sessions: Sequence[Any]) -> None:
+    from rich.table import Table
+
+    if not sessions:
+        console.print("no sessions yet")
+        return
+    table = Table("session", "name", "state", "progress", "round", "open", "failed", "started", "for")
+    for s in sessions:
+        table.add_row(
+            s.session_id[:8],
+            s.name,
+            s.state,
+            f"{s.rounds_done}/{s.rounds_total} ({s.pct_done}%)",
+            str(s.current_round_no or ""),
+            str(s.rounds_open),
+            str(s.rounds_failed),
+            f"{s.started_at:%Y-%m-%d %H:%M:%S}",
+            f"{(s.until - s.started_at).total_seconds():.1f}s",
+        )
+    console.print(table)
+
+
+def _print_session(console: Any, session: Any, rounds: Sequence[Any], metrics: Sequence[Any]) -> None:
+    from rich.table import Table
+
+    verdict = f" ({session.finish_reason})" if session.finish_reason else ""
+    console.print(
+        f"session {session.session_id} {session.name!r}: [bold]{session.state}[/]{verdict}, "
+        f"{session.rounds_done}/{session.rounds_total} training rounds done, "
+        f"latest model {session.latest_model_id}"
+    )
+    means: dict[str, list[str]] = {}
+    for m in metrics:
+        means.setdefault(m.round_id, []).append(f"{m.key}={m.mean:.4g}")
+    table = Table(
+        "round", "task", "state", "assigned", "accepted", "rejected", "collect s", "total s", "metrics"
+    )
+    for r in rounds:
+        state = (
+            r.state
+            + (" (timed out)" if r.timed_out else "")
+            + (f": {r.fail_reason}" if r.fail_reason else "")
+        )
+        table.add_row(
+            str(r.round_no),
+            r.task,
+            state,
+            str(r.n_assigned),
+            str(r.n_accepted),
+            str(r.n_rejected),
+            "" if r.collecting_s is None else f"{r.collecting_s:.2f}",
+            "" if r.total_s is None else f"{r.total_s:.2f}",
+            " ".join(means.get(r.round_id, [])),
+        )
+    console.print(table)
+
+
+@command(
+    "tail",
+    help="print the events as they arrive, one line each: time, partition:offset, type, session and round "
+    "(first 8 characters of the ids), client, and the event's key fields; undecodable records with why",
+    example="roundlog tail --from-beginning | grep -E 'Round(Aggregated|Failed)'",
+    arguments=[
+        arg("--from-beginning", action="store_true", help="start at the first event, not at the end"),
+        arg("--heartbeats", action="store_true", help="also show the clients' heartbeats"),
+    ],
+)
+def tail(args: argparse.Namespace) -> int:
+    from roundlog.bus import Topics, make_consumer
+    from roundlog.client import read_from_end
+
+    settings = Settings.from_env()
+    topics = Topics.from_prefix(settings.topic_prefix)
+    watched = [topics.events, *([topics.clients] if args.heartbeats else [])]
+
+    async def follow() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        consumer = make_consumer(settings)
+        await consumer.start()
+        try:
+            if args.from_beginning:
+                consumer.subscribe(watched)
+            else:
+                await read_from_end(consumer, *watched)
+            while not stop.is_set():
+                for records in (await consumer.getmany(timeout_ms=200)).values():
+                    for record in records:
+                        print(_tail_line(record), flush=True)
+        finally:
+            await consumer.stop()
+
+    asyncio.run(follow())
+    return 0
+
+
+def _tail_line(record: Any) -> str:
+    """One record as a line: when, where, what, whose, and the fields that say what happened."""
+    import dataclasses
+    from datetime import UTC, datetime
+
+    from roundlog.codec import DecodeError, decode
+
+    where = f"{record.partition}:{record.offset}"
+    event = decode(record.value or b"")
+    if isinstance(event, DecodeError):
+        produced = datetime.fromtimestamp(record.timestamp / 1000, UTC)
+        return (
+            f"{produced:%H:%M:%S.%f}"[:-3] + f" {where:>7} {'UNDECODABLE':<18} {event.reason}: {event.detail}"
+        )
+    ids = ("session_id", "round_id", "client_id")
+    whose = [f"{name[0]}={_tail_value(name, getattr(event, name))}" for name in ids if hasattr(event, name)]
+    fields = [
+        f"{f.name}={_tail_value(f.name, getattr(event, f.name))}"
+        for f in dataclasses.fields(event)
+        if f.name not in ("event_id", "occurred_at", *ids) and getattr(event, f.name) not in ("", None, {})
+    ]
+    when = f"{event.occurred_at:%H:%M:%S.%f}"[:-3]
+    return " ".join([when, f"{where:>7}", f"{type(event).__name__:<18}", *whose, *fields])
+
+
+def _tail_value(name: str, value: Any) -> str:
+    """A field, short: ids to 8 characters, tensors to size and hash, configs to their gist."""
+    from collections.abc import Mapping
+    from datetime import datetime
+
+    from roundlog.domain.events import RoundConfig, TensorRef
+
+    if name.endswith("_ids"):
+        shown = ", ".join(_tail_value(name[:-1], v) for v in value[:3])
+        return f"{len(value)}[{shown}{', ...' if len(value) > 3 else ''}]"
+    if name.endswith("_id") and len(value) == 36 and value[8] == "-":  # a UUID; a client's name stays whole
+        return str(value[:8])
+    if name == "sha256":
+        return str(value[:12])
+    if isinstance(value, datetime):
+        return f"{value:%H:%M:%S.%f}"[:-3]
+    if isinstance(value, TensorRef):
+        return f"{value.nbytes:,}B/sha256:{value.sha256[:12]}"
+    if isinstance(value, RoundConfig):
+        return f"{value.aggregator}/buffer={value.buffer_size}/timeout={value.round_timeout:g}s"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{k}={_tail_value(k, v)}" for k, v in value.items()) + "}"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)

@@ -1,0 +1,347 @@
+"""The client SDK: a federated client you plug your training into, and producer helpers for services.
+
+A ``FederatedClient`` heartbeats its roles, waits for the ``ClientsAssigned`` that names
+it, fetches the base model from the tensors topic, runs your function off the event loop
+and submits the result as events. Everything it produces carries deterministic ids (per
+round, client and kind), so a retried submission is recognisably the same one.
+
+Your functions get the model as named arrays and the round's ``RoundConfig``; each
+returns a tuple that ends with its metrics (a mapping of names to numbers):
+
+- ``train(arrays, config) -> (arrays, num_examples, metrics)``: the updated model, with
+  the same names, dtypes and shapes, and the example count that weighs it;
+- ``validate(arrays, config) -> (num_examples, metrics)``: the model measured on local data;
+- ``predict(arrays, config) -> (summary, metrics)``: an inference round's result.
+
+They run in a worker thread (``asyncio.to_thread``), so they may block; an exception is
+logged and the round goes on without this client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, SupportsFloat
+
+from aiokafka import AIOKafkaProducer, TopicPartition
+
+from roundlog.arrays import NamedArrays, sha256_of
+from roundlog.bus import Consumer, Topics, make_consumer, make_producer, publish
+from roundlog.clock import utc_now
+from roundlog.codec import decode
+from roundlog.config import Settings
+from roundlog.domain.decide import round_id_for
+from roundlog.domain.events import (
+    ClientHeartbeat,
+    ClientRole,
+    ClientsAssigned,
+    Event,
+    ModelImported,
+    PredictionReceived,
+    RoundConfig,
+    RoundRequested,
+    SessionStarted,
+    Task,
+    TensorRef,
+    UpdateReceived,
+    ValidationReceived,
+    derived_id,
+)
+from roundlog.domain.session import config_problem
+from roundlog.tensors import TensorReader, write_tensors
+
+log = logging.getLogger("roundlog.client")
+
+#: Metric values may be any number type (numpy scalars included); they are sent as doubles.
+Metrics = Mapping[str, SupportsFloat]
+TrainFn = Callable[[NamedArrays, RoundConfig], tuple[NamedArrays, int, Metrics]]
+ValidateFn = Callable[[NamedArrays, RoundConfig], tuple[int, Metrics]]
+PredictFn = Callable[[NamedArrays, RoundConfig], tuple[str, Metrics]]
+
+#: How long one poll of the events topic waits, which bounds how late ``stop`` is noticed.
+POLL_MS = 200
+
+
+def update_id_for(round_id: str, client_id: str) -> str:
+    """The id (and tensors key) of a client's update in a round: the same on every retry."""
+    return derived_id(round_id, "client", client_id, "update")
+
+
+def submission_event_id(round_id: str, client_id: str, task: Task) -> str:
+    """The event id of a client's answer to a round: a resubmission is a duplicate event, not news."""
+    return derived_id(round_id, "client", client_id, task.value)
+
+
+class FederatedClient:
+    """One federated client: plug in ``train``, ``validate`` and/or ``predict``, then ``await run(stop)``.
+
+    Roles follow from the functions given: ``train`` makes a trainer, ``validate`` or
+    ``predict`` a validator. ``delay`` holds every finished training update that many
+    seconds before submitting it, to simulate a straggler; answers to validation and
+    inference rounds are never delayed.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        client_id: str,
+        *,
+        train: TrainFn | None = None,
+        validate: ValidateFn | None = None,
+        predict: PredictFn | None = None,
+        heartbeat_every: float = 2.0,
+        labels: Mapping[str, str] | None = None,
+        delay: float = 0.0,
+    ) -> None:
+        if train is None and validate is None and predict is None:
+            raise ValueError("a client needs at least one of train, validate and predict")
+        self.settings = settings
+        self.client_id = client_id
+        self.topics = Topics.from_prefix(settings.topic_prefix)
+        self.heartbeat_every = heartbeat_every
+        self.labels = dict(labels or {})
+        self.delay = delay
+        self._train, self._validate, self._predict = train, validate, predict
+        self._answered: set[str] = set()
+        self._inflight: set[asyncio.Task[None]] = set()
+
+    @property
+    def roles(self) -> tuple[ClientRole, ...]:
+        roles = [ClientRole.TRAINER] if self._train is not None else []
+        if self._validate is not None or self._predict is not None:
+            roles.append(ClientRole.VALIDATOR)
+        return tuple(roles)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Heartbeat and answer assignments until ``stop`` is set; work already started is finished.
+
+        The first heartbeat goes out only once the events topic is read from its end, so
+        no assignment made after the coordinator first sees this client can be missed.
+        """
+        producer = make_producer(self.settings)
+        events = make_consumer(self.settings)
+        # tensors carry a sha256 over the whole stream, so the per-batch CRC pass is redundant
+        tensors = make_consumer(self.settings, check_crcs=False)
+        await producer.start()
+        await events.start()
+        await tensors.start()
+        try:
+            await read_from_end(events, self.topics.events)
+            reader = TensorReader(tensors, self.topics.tensors)
+            fetching = asyncio.Lock()  # the reader's consumer reads one blob at a time
+            beats = asyncio.create_task(self._heartbeat(producer, stop))
+            try:
+                while not stop.is_set():
+                    if beats.done():
+                        beats.result()  # a heartbeat that failed must not leave the client silently unseen
+                    batch = await events.getmany(timeout_ms=POLL_MS)
+                    for records in batch.values():
+                        for record in records:
+                            event = decode(record.value or b"")
+                            if (
+                                isinstance(event, ClientsAssigned)
+                                and self.client_id in event.client_ids
+                                and event.round_id not in self._answered  # a re-emitted assignment
+                            ):
+                                self._answered.add(event.round_id)
+                                self._spawn(self._answer(producer, reader, fetching, event))
+            finally:
+                beats.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await beats
+                await asyncio.gather(*self._inflight)
+        finally:
+            await tensors.stop()
+            await events.stop()
+            await producer.stop()
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(work)
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def _heartbeat(self, producer: AIOKafkaProducer, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            beat = ClientHeartbeat(
+                event_id=str(uuid.uuid4()),
+                occurred_at=utc_now(),
+                client_id=self.client_id,
+                roles=self.roles,
+                labels=self.labels,
+            )
+            await publish(producer, self.topics, [beat])
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.heartbeat_every)
+
+    async def _answer(
+        self, producer: AIOKafkaProducer, reader: TensorReader, fetching: asyncio.Lock, job: ClientsAssigned
+    ) -> None:
+        """Fetch the round's model, run the user's function for its task and submit the result."""
+        try:
+            if self._function_for(job.task) is None:
+                log.warning("%s: no function for %s round %s", self.client_id, job.task, job.round_id)
+                return
+            async with fetching:
+                model = await reader.arrays(job.model)
+            event = await self._result(producer, job, model)
+            await publish(producer, self.topics, [event])
+            log.info("%s: answered %s round %s", self.client_id, job.task, job.round_id)
+        except Exception:
+            log.exception("%s: %s round %s failed", self.client_id, job.task, job.round_id)
+
+    def _function_for(self, task: Task) -> Callable[..., Any] | None:
+        functions = {
+            Task.TRAINING: self._train,
+            Task.VALIDATION: self._validate,
+            Task.INFERENCE: self._predict,
+        }
+        return functions[task]
+
+    async def _result(self, producer: AIOKafkaProducer, job: ClientsAssigned, model: NamedArrays) -> Event:
+        ids: dict[str, Any] = {
+            "event_id": submission_event_id(job.round_id, self.client_id, job.task),
+            "session_id": job.session_id,
+            "round_id": job.round_id,
+            "client_id": self.client_id,
+        }
+        if job.task == Task.TRAINING:
+            assert self._train is not None
+            arrays, num_examples, metrics = await asyncio.to_thread(self._train, model, job.config)
+            if self.delay > 0:
+                await asyncio.sleep(self.delay)
+            update_id = update_id_for(job.round_id, self.client_id)
+            ref = await write_tensors(producer, self.topics.tensors, update_id, arrays)
+            return UpdateReceived(
+                **ids,
+                occurred_at=utc_now(),
+                update_id=update_id,
+                num_examples=int(num_examples),
+                metrics=_floats(metrics),
+                tensor=ref,
+            )
+        if job.task == Task.VALIDATION:
+            assert self._validate is not None
+            num_examples, metrics = await asyncio.to_thread(self._validate, model, job.config)
+            return ValidationReceived(
+                **ids,
+                occurred_at=utc_now(),
+                model_id=job.model_id,
+                num_examples=int(num_examples),
+                metrics=_floats(metrics),
+            )
+        assert self._predict is not None
+        summary, metrics = await asyncio.to_thread(self._predict, model, job.config)
+        return PredictionReceived(
+            **ids, occurred_at=utc_now(), model_id=job.model_id, summary=summary, metrics=_floats(metrics)
+        )
+
+
+async def read_from_end(consumer: Consumer, *topics: str) -> None:
+    """Assign every partition of ``topics`` to a group-less consumer, positioned at their true ends."""
+    await consumer.topics()  # metadata of every topic, not only of those assigned so far
+    tps = []
+    for topic in topics:
+        partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            raise RuntimeError(f"topic {topic} does not exist: run `roundlog topics create`")
+        tps += [TopicPartition(topic, p) for p in sorted(partitions)]
+    consumer.assign(tps)
+    for tp, end in (await consumer.end_offsets(tps)).items():
+        consumer.seek(tp, end)
+
+
+def _floats(metrics: Metrics) -> dict[str, float]:
+    """Metrics as plain floats: numpy scalars such as float32 are not Avro doubles."""
+    return {str(name): float(value) for name, value in metrics.items()}
+
+
+# --- producer helpers for any service --------------------------------------------------------------
+
+
+async def import_model(
+    producer: AIOKafkaProducer, topics: Topics, arrays: NamedArrays, name: str = ""
+) -> tuple[str, TensorRef]:
+    """Store a model's chunks and announce it; the id derives from its bytes, so re-importing is a no-op."""
+    model_id = derived_id("model", sha256_of(arrays))
+    ref = await write_tensors(producer, topics.tensors, model_id, arrays)
+    imported = ModelImported(
+        event_id=derived_id(model_id, "imported"),
+        occurred_at=utc_now(),
+        model_id=model_id,
+        name=name,
+        tensor=ref,
+    )
+    await publish(producer, topics, [imported])
+    return model_id, ref
+
+
+async def start_session(
+    producer: AIOKafkaProducer,
+    topics: Topics,
+    *,
+    model_id: str,
+    model: TensorRef,
+    rounds: int,
+    config: RoundConfig,
+    validate_each_round: bool = False,
+    stop_on_failure: bool = True,
+    name: str = "",
+) -> str:
+    """Start a session of ``rounds`` training rounds on a stored model; returns the new session id.
+
+    A config the fold would refuse raises ``ValueError`` here instead of vanishing in the log.
+    """
+    problem = config_problem(config) if rounds >= 1 else f"rounds must be >= 1, got {rounds}"
+    if problem is not None:
+        raise ValueError(problem)
+    session_id = str(uuid.uuid4())
+    started = SessionStarted(
+        event_id=derived_id(session_id, "started"),
+        occurred_at=utc_now(),
+        session_id=session_id,
+        name=name,
+        rounds=rounds,
+        initial_model_id=model_id,
+        initial_model=model,
+        round_config=config,
+        validate_each_round=validate_each_round,
+        stop_on_failure=stop_on_failure,
+    )
+    await publish(producer, topics, [started])
+    return session_id
+
+
+async def request_round(
+    producer: AIOKafkaProducer,
+    topics: Topics,
+    *,
+    session_id: str,
+    round_no: int,
+    task: Task,
+    model_id: str,
+    config: RoundConfig,
+) -> str:
+    """Ask a running session for a round on one of its models; returns the round id.
+
+    The ids are the ones the coordinator derives for the same round, so asking twice, or
+    asking for a round the session's plan also asks for, is one request.
+    """
+    problem = config_problem(config)
+    if problem is not None:
+        raise ValueError(problem)
+    round_id = round_id_for(session_id, round_no, task)
+    requested = RoundRequested(
+        event_id=derived_id(round_id, "requested"),
+        occurred_at=utc_now(),
+        session_id=session_id,
+        round_id=round_id,
+        round_no=round_no,
+        task=task,
+        model_id=model_id,
+        config=config,
+    )
+    await publish(producer, topics, [requested])
+    return round_id
