@@ -125,3 +125,16 @@ def test_follow_ups_are_the_same_events_when_asked_twice() -> None:
     assert follow_up(session) is None, "nothing more while round 1 is open"
     assert ledger.apply(first).refusal is not None, "the re-emitted request changes nothing"
     assert session.rounds[first.round_id].state == RoundState.REQUESTED  # type: ignore[union-attr]
+
+
+def test_an_inference_round_asked_from_outside_does_not_move_the_plan() -> None:
+    script, ledger = Script(), Ledger()
+    session = started(script, ledger, rounds=2)
+    first = follow_up(session)
+    assert isinstance(first, RoundRequested)
+    ledger.apply(first)
+    ledger.apply(script.requested("extra", Task.INFERENCE, round_no=7))
+    for event in (script.staged("extra"), script.assigned("extra", ("a",)), script.prediction("a", "extra")):
+        assert ledger.apply(event).applied
+    assert session.rounds["extra"].state == RoundState.COMPLETED
+    assert follow_up(session) is None, "round 1 is still open; the finished inference round changes nothing"

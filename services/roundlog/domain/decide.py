@@ -38,7 +38,8 @@ def follow_up(session: Session) -> RoundRequested | SessionFinished | None:
     """The next event the session's own plan calls for, or None while a round is still open."""
     if session.is_terminal:
         return None
-    rounds = session.rounds_in_order()
+    # Inference rounds stand outside the plan: anyone may ask for one on any of the session's models.
+    rounds = [r for r in session.rounds_in_order() if r.task != Task.INFERENCE]
     if not rounds:
         return request_round(session, 1, Task.TRAINING, session.started.initial_model_id, None)
     last = rounds[-1]
