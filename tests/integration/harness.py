@@ -11,15 +11,17 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import numpy as np
+import psycopg
 from aiokafka import TopicPartition
 
 from roundlog.bus import Topics, make_consumer
 from roundlog.client import FederatedClient
 from roundlog.codec import DecodeError, decode
 from roundlog.config import Settings
-from roundlog.domain.events import Event, RoundConfig, SessionFinished
+from roundlog.domain.events import Event, RoundAggregated, RoundConfig, SessionFinished
 from roundlog.domain.ledger import Ledger
 from roundlog.domain.session import Outcome
+from roundlog.roles.projector import consumer_name
 from roundlog.roles.stream import read_range
 
 #: Short group sessions, so a killed member's partitions move on within seconds.
@@ -118,3 +120,39 @@ async def wait_until_finished(settings: Settings, topics: Topics, sessions: set[
                             left.discard(event.session_id)
     finally:
         await consumer.stop()
+
+
+async def first_aggregate(settings: Settings, topics: Topics) -> RoundAggregated:
+    consumer = make_consumer(settings)
+    await consumer.start()
+    consumer.subscribe([topics.events])
+    try:
+        async with asyncio.timeout(120):
+            while True:
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    for record in records:
+                        if isinstance(event := decode(record.value or b""), RoundAggregated):
+                            return event
+    finally:
+        await consumer.stop()
+
+
+async def caught_up(settings: Settings, topics: Topics) -> None:
+    """Wait until the surviving projector has committed every partition's end offset to PostgreSQL."""
+    consumer = make_consumer(settings)
+    await consumer.start()
+    partitions = consumer.partitions_for_topic(topics.events) or set()
+    ends = await consumer.end_offsets([TopicPartition(topics.events, p) for p in partitions])
+    await consumer.stop()
+    url = settings.database_url.replace("postgresql+psycopg://", "postgresql://")
+    async with asyncio.timeout(90):
+        while True:
+            async with await psycopg.AsyncConnection.connect(url) as conn:
+                query = (
+                    "SELECT partition, next_offset FROM projector_offsets WHERE consumer = %s AND topic = %s"
+                )
+                rows = await (await conn.execute(query, (consumer_name(settings), topics.events))).fetchall()
+            done = {p: o for p, o in rows}
+            if all(done.get(tp.partition, 0) >= end for tp, end in ends.items()):
+                return
+            await asyncio.sleep(0.5)

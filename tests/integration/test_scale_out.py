@@ -12,22 +12,19 @@ import dataclasses
 import signal
 from collections import Counter
 
-import psycopg
-from aiokafka import TopicPartition
-
 from roundlog.audit import verify_models
-from roundlog.bus import Topics, make_consumer, make_producer
+from roundlog.bus import Topics, make_producer
 from roundlog.client import import_model, start_session
 from roundlog.clock import utc_now
-from roundlog.codec import decode
 from roundlog.config import Settings
 from roundlog.domain.events import RoundAggregated, RoundConfig, SessionFinished
 from roundlog.projections.schema import upgrade
 from roundlog.replay import replay
-from roundlog.roles.projector import consumer_name
 
 from tests.integration.harness import (
+    caught_up,
     clients,
+    first_aggregate,
     fold_log,
     model,
     read_log,
@@ -38,42 +35,6 @@ from tests.integration.harness import (
 
 SESSIONS = 4
 ROUNDS = 3
-
-
-async def first_aggregate(settings: Settings, topics: Topics) -> RoundAggregated:
-    consumer = make_consumer(settings)
-    await consumer.start()
-    consumer.subscribe([topics.events])
-    try:
-        async with asyncio.timeout(120):
-            while True:
-                for records in (await consumer.getmany(timeout_ms=500)).values():
-                    for record in records:
-                        if isinstance(event := decode(record.value or b""), RoundAggregated):
-                            return event
-    finally:
-        await consumer.stop()
-
-
-async def caught_up(settings: Settings, topics: Topics) -> None:
-    """Wait until the surviving projector has committed every partition's end offset to PostgreSQL."""
-    consumer = make_consumer(settings)
-    await consumer.start()
-    partitions = consumer.partitions_for_topic(topics.events) or set()
-    ends = await consumer.end_offsets([TopicPartition(topics.events, p) for p in partitions])
-    await consumer.stop()
-    url = settings.database_url.replace("postgresql+psycopg://", "postgresql://")
-    async with asyncio.timeout(90):
-        while True:
-            async with await psycopg.AsyncConnection.connect(url) as conn:
-                query = (
-                    "SELECT partition, next_offset FROM projector_offsets WHERE consumer = %s AND topic = %s"
-                )
-                rows = await (await conn.execute(query, (consumer_name(settings), topics.events))).fetchall()
-            done = {p: o for p, o in rows}
-            if all(done.get(tp.partition, 0) >= end for tp, end in ends.items()):
-                return
-            await asyncio.sleep(0.5)
 
 
 async def test_two_of_each_role_share_the_work_and_survive_a_kill(
