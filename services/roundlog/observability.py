@@ -354,6 +354,8 @@ def configure_logging(level: str | int = "INFO", json: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json else TextFormatter())
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    # aiokafka logs every assign() at INFO, and the tensor reader assigns once per blob
+    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,7 +58,8 @@ async def read_chunks(consumer: AIOKafkaConsumer, topic: str, ref: TensorRef) ->
     ``consumer`` is a group-less consumer this reader may re-assign and seek at will.
     """
     tp = TopicPartition(topic, ref.partition)
-    consumer.assign([tp])
+    if consumer.assignment() != {tp}:
+        consumer.assign([tp])
     consumer.seek(tp, ref.first_offset)
     key = ref.key.encode()
     expected_seq = 0
