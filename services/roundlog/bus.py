@@ -160,6 +160,14 @@ def make_consumer(settings: Settings, group_id: str | None = None, **overrides: 
         "fetch_max_bytes": 64 * 1024 * 1024,
         **overrides,
     }
+    if group_id is not None:
+        timeout = settings.group_session_timeout_ms
+        kwargs = {
+            "session_timeout_ms": timeout,
+            "rebalance_timeout_ms": timeout,
+            "heartbeat_interval_ms": max(100, timeout // 3),
+            **kwargs,
+        }
     return Consumer(probe_kwargs={**connection, "enable_auto_commit": False}, **kwargs)
 
 

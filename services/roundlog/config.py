@@ -37,6 +37,9 @@ class Settings:
     database_url: str
     topic_prefix: str = "roundlog"
     partitions: int = 6
+    #: consumer-group session timeout: how soon a crashed member's partitions move on (and, on
+    #: Tansu, about twice the wait of a first join). Apache Kafka accepts 6000..300000 by default.
+    group_session_timeout_ms: int = 10_000
     kafka_security_protocol: str = "PLAINTEXT"
     kafka_sasl_mechanism: str | None = None
     kafka_sasl_username: str | None = None
@@ -64,6 +67,11 @@ class Settings:
             raise ConfigError(f"ROUNDLOG_PARTITIONS must be an integer, not {partitions_text!r}") from None
         if partitions < 1:
             raise ConfigError(f"ROUNDLOG_PARTITIONS must be >= 1, not {partitions}")
+        timeout_text = get("ROUNDLOG_GROUP_SESSION_TIMEOUT_MS") or "10000"
+        if not timeout_text.isdigit() or int(timeout_text) < 100:
+            raise ConfigError(
+                f"ROUNDLOG_GROUP_SESSION_TIMEOUT_MS must be an integer >= 100, not {timeout_text!r}"
+            )
         protocol = (get("ROUNDLOG_KAFKA_SECURITY_PROTOCOL") or "PLAINTEXT").upper()
         if protocol not in SECURITY_PROTOCOLS:
             raise ConfigError(
@@ -75,6 +83,7 @@ class Settings:
             database_url=sqlalchemy_url(env["ROUNDLOG_DATABASE_URL"]),
             topic_prefix=get("ROUNDLOG_TOPIC_PREFIX") or "roundlog",
             partitions=partitions,
+            group_session_timeout_ms=int(timeout_text),
             kafka_security_protocol=protocol,
             kafka_sasl_mechanism=get("ROUNDLOG_KAFKA_SASL_MECHANISM"),
             kafka_sasl_username=get("ROUNDLOG_KAFKA_SASL_USERNAME"),
@@ -89,6 +98,7 @@ class Settings:
             "ROUNDLOG_DATABASE_URL": self.database_url,
             "ROUNDLOG_TOPIC_PREFIX": self.topic_prefix,
             "ROUNDLOG_PARTITIONS": str(self.partitions),
+            "ROUNDLOG_GROUP_SESSION_TIMEOUT_MS": str(self.group_session_timeout_ms),
             "ROUNDLOG_KAFKA_SECURITY_PROTOCOL": self.kafka_security_protocol,
             "ROUNDLOG_KAFKA_SASL_MECHANISM": self.kafka_sasl_mechanism,
             "ROUNDLOG_KAFKA_SASL_USERNAME": self.kafka_sasl_username,

@@ -58,7 +58,8 @@ class PartitionFold:
         return outcome
 
     def skip(self, offset: int) -> None:
-        """An undecodable record: it moves the offset and nothing else."""
+        """A record that does not enter the ledger (undecodable, or one a role handles on its own,
+        like the projector's heartbeats): it moves the offset and nothing else."""
         self.next_offset = offset + 1
 
     @property

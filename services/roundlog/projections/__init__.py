@@ -1,0 +1,1 @@
+"""PostgreSQL projections of the log: tables, row derivation, batch writes, migrations."""

@@ -1,0 +1,228 @@
+"""``roundlog replay``: rebuild every projection from offset 0 into a fresh schema, then diff it
+against the live one row by row. Replay is the audit: same log, same fold, same rows.
+
+The replay runs the projector's own code (``Projector``) with every partition assigned and
+no consumer group, up to the high-water marks taken when it starts, and writes no dead
+letters. The comparison ignores only the columns that record when a row was written, and
+the projector's offsets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import sqlalchemy as sa
+from aiokafka import TopicPartition
+
+from roundlog.bus import Topics, make_consumer
+from roundlog.config import Settings
+from roundlog.projections import tables
+from roundlog.projections.schema import recreate_schema
+from roundlog.projections.writer import libpq_url
+from roundlog.roles.projector import BATCH_RECORDS, consumer_name, fewer_collections, projector_for
+
+#: A replay schema is created and dropped by name: plain lower-case identifiers only.
+SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One differing row: a column that differs, or (column None) a row only one side has."""
+
+    key: str
+    column: str | None
+    live: Any
+    replay: Any
+
+    def render(self) -> str:
+        if self.column is None:
+            side = "replay" if self.live is None else "live"
+            return f"  {self.key}: only in {side}"
+        return f"  {self.key}  {self.column}: live {_show(self.live)}  replay {_show(self.replay)}"
+
+
+@dataclass(frozen=True)
+class TableDiff:
+    table: str
+    live_rows: int
+    replay_rows: int
+    differing: int
+    examples: tuple[Difference, ...]
+
+
+@dataclass
+class ReplayReport:
+    schema: str
+    live_schema: str
+    records: int = 0
+    seconds: float = 0.0
+    #: per partition ("topic[p]"): the high-water mark replayed up to, and the live projector's offset
+    ends: dict[str, int] = field(default_factory=dict)
+    live_offsets: dict[str, int] = field(default_factory=dict)
+    tables: list[TableDiff] = field(default_factory=list)
+
+    @property
+    def identical(self) -> bool:
+        return all(t.differing == 0 for t in self.tables)
+
+    @property
+    def lagging(self) -> list[str]:
+        """Partitions where the live projection stands elsewhere than the replay: differences expected."""
+        return [p for p, end in self.ends.items() if self.live_offsets.get(p, 0) != end]
+
+    def render(self) -> str:
+        rate = self.records / self.seconds if self.seconds else 0.0
+        lines = [
+            f"replayed {self.records:,} records from {len(self.ends)} partitions into schema {self.schema!r} "
+            f"in {self.seconds:.1f}s ({rate:,.0f} records/s), compared with {self.live_schema!r}:"
+        ]
+        for t in self.tables:
+            verdict = "identical" if t.differing == 0 else f"{t.differing} differing rows"
+            lines.append(
+                f"  {t.table:<18} live {t.live_rows:>8,} rows  replay {t.replay_rows:>8,} rows  {verdict}"
+            )
+        for t in self.tables:
+            if t.differing:
+                lines.append(f"{t.table}: {t.differing} differing rows:")
+                lines += [d.render() for d in t.examples]
+        if self.lagging:
+            lines.append(
+                "note: the live projector is not at the replayed offsets for "
+                + ", ".join(
+                    f"{p} (live {self.live_offsets.get(p, 0)}, replayed {self.ends[p]})" for p in self.lagging
+                )
+            )
+        lines.append(
+            "identical: every projection matches" if self.identical else "DIFFERENT: the projections disagree"
+        )
+        return "\n".join(lines)
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+async def replay(
+    settings: Settings,
+    schema: str,
+    progress: Progress | None = None,
+    live_schema: str = "public",
+    limit: int = 20,
+) -> ReplayReport:
+    """Project the whole log into a fresh ``schema`` and compare it with ``live_schema``."""
+    if not (SCHEMA_NAME.fullmatch(schema) and SCHEMA_NAME.fullmatch(live_schema)) or schema == live_schema:
+        raise ValueError(
+            f"schemas must be two different lower-case identifiers, not {schema!r} and {live_schema!r}"
+        )
+    await asyncio.to_thread(recreate_schema, settings.database_url, schema)
+    report = ReplayReport(schema, live_schema)
+    started = time.monotonic()
+    report.records, ends = await _project(settings, schema, progress)
+    report.seconds = time.monotonic() - started
+    report.ends = {_name(tp): end for tp, end in sorted(ends.items())}
+    async with await psycopg.AsyncConnection.connect(libpq_url(settings.database_url)) as conn:
+        report.live_offsets = await _live_offsets(conn, live_schema, consumer_name(settings))
+        for table in tables.PROJECTIONS:
+            report.tables.append(await _diff(conn, table, live_schema, schema, limit))
+    return report
+
+
+def _name(tp: TopicPartition) -> str:
+    return f"{tp.topic}[{tp.partition}]"
+
+
+async def _project(
+    settings: Settings, schema: str, progress: Progress | None
+) -> tuple[int, dict[TopicPartition, int]]:
+    """Every record below the high-water marks taken now, through the projector; returns how many."""
+    topics = Topics.from_prefix(settings.topic_prefix)
+    fewer_collections()
+    consumer = make_consumer(settings)
+    await consumer.start()
+    try:
+        await consumer.topics()
+        partitions = [
+            TopicPartition(topic, p)
+            for topic in (topics.events, topics.clients)
+            for p in sorted(consumer.partitions_for_topic(topic) or ())
+        ]
+        ends: dict[TopicPartition, int] = await consumer.end_offsets(partitions)
+        total = sum(ends.values())
+        consumer.assign(partitions)
+        async with projector_for(settings, schema, dead_letters=False) as projector:
+            await projector.restore(consumer, partitions)
+
+            def done() -> bool:
+                folds = projector.folds
+                return len(folds) == len(ends) and all(
+                    folds[tp].next_offset >= end for tp, end in ends.items()
+                )
+
+            while True:
+                batch = await consumer.getmany(timeout_ms=200, max_records=BATCH_RECORDS)
+                await projector.project(
+                    consumer, {tp: [r for r in rs if r.offset < ends[tp]] for tp, rs in batch.items()}
+                )
+                if progress is not None:
+                    progress(projector.projected, total)
+                if done():
+                    await projector.flush(consumer)  # a failed last write restores the folds: not done then
+                    if done():
+                        return projector.projected, ends
+    finally:
+        await consumer.stop()
+
+
+async def _live_offsets(conn: psycopg.AsyncConnection[Any], schema: str, consumer: str) -> dict[str, int]:
+    table = _qualified(schema, "projector_offsets")
+    cursor = await conn.execute(
+        f"SELECT topic, partition, next_offset FROM {table} WHERE consumer = %s", [consumer]
+    )
+    return {f"{topic}[{partition}]": offset for topic, partition, offset in await cursor.fetchall()}
+
+
+def _qualified(schema: str, table: str) -> str:
+    return f'"{schema}"."{table}"'
+
+
+async def _diff(
+    conn: psycopg.AsyncConnection[Any], table: sa.Table, live: str, replay: str, limit: int
+) -> TableDiff:
+    """Rows that differ, compared in the database: a full join on the primary key."""
+    key = [c.name for c in table.primary_key.columns]
+    columns = ", ".join(f'"{c.name}"' for c in table.columns if c.name not in tables.RECORDING_COLUMNS)
+    on = " AND ".join(f'l."{k}" = r."{k}"' for k in key)
+    order = ", ".join(f'COALESCE(l."{k}", r."{k}")' for k in key)
+    sides = (
+        f"(SELECT {columns} FROM {_qualified(live, table.name)}) AS l "
+        f"FULL JOIN (SELECT {columns} FROM {_qualified(replay, table.name)}) AS r ON {on}"
+    )
+    cursor = await conn.execute(
+        f"SELECT to_jsonb(l), to_jsonb(r), count(*) OVER () FROM {sides} "
+        f"WHERE l IS DISTINCT FROM r ORDER BY {order} LIMIT {int(limit)}"
+    )
+    rows = await cursor.fetchall()
+    counts = await conn.execute(
+        f"SELECT (SELECT count(*) FROM {_qualified(live, table.name)}), "
+        f"(SELECT count(*) FROM {_qualified(replay, table.name)})"
+    )
+    live_rows, replay_rows = await counts.fetchone() or (0, 0)
+    examples: list[Difference] = []
+    for left, right in ((row[0], row[1]) for row in rows):
+        either = left or right
+        where = ", ".join(f"{k}={either[k]}" for k in key)
+        if left is None or right is None:
+            examples.append(Difference(where, None, left, right))
+            continue
+        examples += [Difference(where, c, left[c], right[c]) for c in left if left[c] != right[c]]
+    return TableDiff(table.name, live_rows, replay_rows, rows[0][2] if rows else 0, tuple(examples))
