@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -171,7 +172,9 @@ def run(settings: Settings, options: Options | None = None) -> int:
     """The whole demo; 0 when the session succeeded and the audit agrees with the log."""
     options = options or Options()
     upgrade(settings.database_url)
-    return uvloop.run(_run(settings, options, Console()))
+    # piped into a file or a CI log, rich would cut the tables at 80 columns
+    console = Console() if sys.stdout.isatty() else Console(width=120)
+    return uvloop.run(_run(settings, options, console))
 
 
 async def _run(settings: Settings, options: Options, console: Console) -> int:
