@@ -17,6 +17,7 @@ use numpy's pairwise summation, whose order is fixed by the array length).
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -217,14 +218,14 @@ class Fold(Aggregator):
         self._spent = True
         return self._finalize()
 
-    def _fold(self, piece: ArrayPiece) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _fold(self, piece: ArrayPiece) -> None: ...
 
     def _commit(self) -> None:
         """Hook for folds that record something per committed update."""
 
-    def _finalize(self) -> AggregateResult:
-        raise NotImplementedError
+    @abstractmethod
+    def _finalize(self) -> AggregateResult: ...
 
 
 def clipped(values: NDArray[Any], base: NDArray[Any], scale: float, out: NDArray[np.float64]) -> None:

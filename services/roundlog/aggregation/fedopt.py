@@ -38,6 +38,7 @@ replays bit for bit.
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -142,9 +143,9 @@ class ServerOptimizer(FedAvg):
             total_weight=self.total_weight,
         )
 
+    @abstractmethod
     def _step(self, i: int, lo: int, hi: int, delta: NDArray[np.float64], x: NDArray[Any], t: int) -> None:
         """Update the moments of elements lo:hi of array i and overwrite ``delta`` with the new x."""
-        raise NotImplementedError
 
 
 class FedAvgM(ServerOptimizer):
@@ -210,11 +211,11 @@ class Adaptive(ServerOptimizer):
         np.divide(s1, s2, out=s1)
         np.add(s1, x, out=delta, dtype=F64)
 
+    @abstractmethod
     def _second_moment(
         self, v: NDArray[np.float64], delta2: NDArray[np.float64], s: NDArray[np.float64]
     ) -> None:
         """Update v in place from Δ² (``delta2`` and ``s`` are scratch the method may overwrite)."""
-        raise NotImplementedError
 
 
 class FedAdam(Adaptive):

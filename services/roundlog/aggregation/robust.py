@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from abc import abstractmethod
 from typing import Any
 
 import numpy as np
@@ -106,9 +107,9 @@ class Buffered(Fold):
             out[lo:hi] = to_dtype(self._reduce(columns), flat.dtype)
         return out.reshape(self.base.shapes[index])
 
+    @abstractmethod
     def _reduce(self, sorted_columns: NDArray[np.float64]) -> NDArray[np.float64]:
         """One float64 result per row of ``sorted_columns`` (a coordinate's values, ascending)."""
-        raise NotImplementedError
 
 
 class Median(Buffered):
