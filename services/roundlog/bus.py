@@ -183,3 +183,17 @@ async def publish(producer: AIOKafkaProducer, topics: Topics, events: Iterable[E
     ]
     for future in sent:
         await future
+
+
+async def read_from_end(consumer: Consumer, *topics: str) -> None:
+    """Assign every partition of ``topics`` to a group-less consumer, positioned at their true ends."""
+    await consumer.topics()  # metadata of every topic, not only of those assigned so far
+    tps = []
+    for topic in topics:
+        partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            raise RuntimeError(f"topic {topic} does not exist: run `roundlog topics create`")
+        tps += [TopicPartition(topic, p) for p in sorted(partitions)]
+    consumer.assign(tps)
+    for tp, end in (await consumer.end_offsets(tps)).items():
+        consumer.seek(tp, end)

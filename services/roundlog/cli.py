@@ -721,8 +721,7 @@ def _print_session(console: Any, session: Any, rounds: Sequence[Any], metrics: S
     ],
 )
 def tail(args: argparse.Namespace) -> int:
-    from roundlog.bus import Topics, make_consumer
-    from roundlog.client import read_from_end
+    from roundlog.bus import Topics, make_consumer, read_from_end
 
     settings = Settings.from_env()
     topics = Topics.from_prefix(settings.topic_prefix)

@@ -26,14 +26,14 @@ import uuid
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, SupportsFloat
 
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 
 from roundlog.arrays import NamedArrays, sha256_of
-from roundlog.bus import Consumer, Topics, make_consumer, make_producer, publish
+from roundlog.bus import Topics, make_consumer, make_producer, publish, read_from_end
 from roundlog.clock import utc_now
 from roundlog.codec import decode
 from roundlog.config import Settings
-from roundlog.domain.decide import round_id_for
+from roundlog.domain.decide import round_request
 from roundlog.domain.events import (
     ClientHeartbeat,
     ClientRole,
@@ -42,7 +42,6 @@ from roundlog.domain.events import (
     ModelImported,
     PredictionReceived,
     RoundConfig,
-    RoundRequested,
     SessionStarted,
     Task,
     TensorRef,
@@ -239,20 +238,6 @@ class FederatedClient:
         )
 
 
-async def read_from_end(consumer: Consumer, *topics: str) -> None:
-    """Assign every partition of ``topics`` to a group-less consumer, positioned at their true ends."""
-    await consumer.topics()  # metadata of every topic, not only of those assigned so far
-    tps = []
-    for topic in topics:
-        partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            raise RuntimeError(f"topic {topic} does not exist: run `roundlog topics create`")
-        tps += [TopicPartition(topic, p) for p in sorted(partitions)]
-    consumer.assign(tps)
-    for tp, end in (await consumer.end_offsets(tps)).items():
-        consumer.seek(tp, end)
-
-
 def _floats(metrics: Metrics) -> dict[str, float]:
     """Metrics as plain floats: numpy scalars such as float32 are not Avro doubles."""
     return {str(name): float(value) for name, value in metrics.items()}
@@ -332,16 +317,6 @@ async def request_round(
     problem = config_problem(config)
     if problem is not None:
         raise ValueError(problem)
-    round_id = round_id_for(session_id, round_no, task)
-    requested = RoundRequested(
-        event_id=derived_id(round_id, "requested"),
-        occurred_at=utc_now(),
-        session_id=session_id,
-        round_id=round_id,
-        round_no=round_no,
-        task=task,
-        model_id=model_id,
-        config=config,
-    )
+    requested = round_request(session_id, round_no, task, model_id, config, utc_now())
     await publish(producer, topics, [requested])
-    return round_id
+    return requested.round_id

@@ -32,8 +32,8 @@ from sklearn.datasets import load_digits  # type: ignore[import-untyped]
 
 from roundlog.arrays import NamedArrays
 from roundlog.audit import verify_models
-from roundlog.bus import Consumer, Topics, create_topics, make_consumer, make_producer
-from roundlog.client import FederatedClient, Metrics, import_model, read_from_end, start_session
+from roundlog.bus import Consumer, Topics, create_topics, make_consumer, make_producer, read_from_end
+from roundlog.client import FederatedClient, Metrics, import_model, start_session
 from roundlog.codec import DecodeError, decode
 from roundlog.config import Settings
 from roundlog.domain.events import RoundConfig, SessionFinished, Task, UpdateReceived, ValidationReceived

@@ -18,8 +18,8 @@ import psycopg
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from roundlog.bus import Topics, make_consumer, make_producer, publish
-from roundlog.client import import_model, read_from_end, request_round, start_session
+from roundlog.bus import Topics, make_consumer, make_producer, publish, read_from_end
+from roundlog.client import import_model, request_round, start_session
 from roundlog.clock import utc_now
 from roundlog.codec import decode
 from roundlog.config import Settings

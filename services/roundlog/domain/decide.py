@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from roundlog.domain.events import RoundRequested, SessionFinished, Task, derived_id
+from roundlog.domain.events import RoundConfig, RoundRequested, SessionFinished, Task, derived_id
 from roundlog.domain.round import Round, RoundState
 from roundlog.domain.session import Session
 
@@ -18,20 +18,29 @@ def round_id_for(session_id: str, round_no: int, task: Task) -> str:
     return derived_id(session_id, "round", str(round_no), task)
 
 
-def request_round(
-    session: Session, round_no: int, task: Task, model_id: str, after: Round | None
+def round_request(
+    session_id: str, round_no: int, task: Task, model_id: str, config: RoundConfig, occurred_at: datetime
 ) -> RoundRequested:
-    round_id = round_id_for(session.session_id, round_no, task)
+    """A round request with the ids every requester derives alike, so asking twice is one request."""
+    round_id = round_id_for(session_id, round_no, task)
     return RoundRequested(
         event_id=derived_id(round_id, "requested"),
-        occurred_at=_moment(session, after),
-        session_id=session.session_id,
+        occurred_at=occurred_at,
+        session_id=session_id,
         round_id=round_id,
         round_no=round_no,
         task=task,
         model_id=model_id,
-        config=session.started.round_config,
+        config=config,
     )
+
+
+def request_round(
+    session: Session, round_no: int, task: Task, model_id: str, after: Round | None
+) -> RoundRequested:
+    """The session's plan asks for a round when the round it follows ended."""
+    config = session.started.round_config
+    return round_request(session.session_id, round_no, task, model_id, config, _moment(session, after))
 
 
 def follow_up(session: Session) -> RoundRequested | SessionFinished | None:
