@@ -24,9 +24,15 @@ from roundlog.domain.events import (
     UpdateReceived,
     UpdateRejected,
     ValidationReceived,
+    update_id_for,
 )
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def uid(client: str, round_id: str = "r1") -> str:
+    """The update id the fold expects of ``client`` in ``round_id``."""
+    return update_id_for(round_id, client)
 
 
 def tensor_ref(key: str) -> TensorRef:
@@ -108,14 +114,14 @@ class Script:
         )  # type: ignore[arg-type]
 
     def update(self, client: str, round_id: str = "r1", update_id: str | None = None) -> UpdateReceived:
-        uid = update_id or f"u-{round_id}-{client}"
+        update_id = update_id or uid(client, round_id)
         return UpdateReceived(
             **self._stamp(),
             round_id=round_id,
             client_id=client,
-            update_id=uid,
+            update_id=update_id,
             num_examples=10,
-            tensor=tensor_ref(uid),
+            tensor=tensor_ref(update_id),
         )  # type: ignore[arg-type]
 
     def rejected(self, client: str, round_id: str = "r1", reason: str = "non_finite") -> UpdateRejected:
@@ -123,7 +129,7 @@ class Script:
             **self._stamp(),
             round_id=round_id,
             client_id=client,
-            update_id=f"u-{round_id}-{client}",
+            update_id=uid(client, round_id),
             reason=reason,
         )  # type: ignore[arg-type]
 

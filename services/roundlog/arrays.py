@@ -27,7 +27,14 @@ NamedArrays = Sequence[tuple[str, NDArray[Any]]]
 STREAMABLE_KINDS = "biufc"
 
 StreamErrorReason = Literal[
-    "incomplete", "overflow", "hash_mismatch", "dtype_mismatch", "shape_mismatch", "non_finite"
+    "incomplete",
+    "overflow",
+    "hash_mismatch",
+    "dtype_mismatch",
+    "shape_mismatch",
+    "non_finite",
+    "too_large",
+    "weight_share",
 ]
 
 
@@ -120,13 +127,18 @@ class _Layout:
 def _layout(spec: ArraySpec) -> _Layout:
     try:
         dtype = np.dtype(spec.dtype)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise StreamError("dtype_mismatch", f"{spec.name}: unknown dtype {spec.dtype!r}") from exc
     if dtype.kind not in STREAMABLE_KINDS or dtype.fields is not None or dtype.byteorder == ">":
         raise StreamError("dtype_mismatch", f"{spec.name}: {spec.dtype!r} is not a little-endian number type")
     if any(d < 0 for d in spec.shape):
         raise StreamError("shape_mismatch", f"{spec.name}: negative dimension in {list(spec.shape)}")
     return _Layout(dtype=dtype, count=math.prod(spec.shape))
+
+
+def declared_nbytes(specs: Sequence[ArraySpec]) -> int:
+    """Bytes the arrays of ``specs`` hold; a StreamError if a dtype or shape cannot be streamed."""
+    return sum(lay.count * lay.dtype.itemsize for lay in map(_layout, specs))
 
 
 class Reassembler:
@@ -140,7 +152,7 @@ class Reassembler:
     def __init__(self, specs: Sequence[ArraySpec]) -> None:
         self._specs = tuple(specs)
         self._layouts = [_layout(spec) for spec in self._specs]
-        self._nbytes = sum(lay.count * lay.dtype.itemsize for lay in self._layouts)
+        self._nbytes = declared_nbytes(self._specs)
         self._hash = hashlib.sha256()
         self._received = 0
         self._index = 0  # array being filled

@@ -90,7 +90,7 @@ async def verify_models(
                 if isinstance(event, DecodeError):
                     fold.skip(entry.offset)
                     continue
-                outcome = await aggregation.apply(fold, entry.offset, event)
+                outcome = await aggregation.apply(fold, entry.offset, event, entry.logged_at)
                 if isinstance(event, RoundAggregated) and outcome.applied:
                     report.rounds_checked += 1
                     _compare(report, event, sink.refolded.get((event.session_id, event.round_id)))

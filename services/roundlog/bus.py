@@ -19,9 +19,10 @@ from aiokafka.errors import TopicAlreadyExistsError, for_code
 from roundlog.codec import encode
 from roundlog.config import Settings
 from roundlog.domain.events import ClientHeartbeat, Event, partition_key
+from roundlog.domain.validation import MAX_CHUNK_BYTES
 
-#: Payload bytes per record on the tensors topic.
-TENSOR_CHUNK_BYTES = 1024 * 1024
+#: Payload bytes per record on the tensors topic: the most the contract allows.
+TENSOR_CHUNK_BYTES = MAX_CHUNK_BYTES
 #: Largest record (chunk + key + headers) and largest producer batch roundlog writes.
 MAX_RECORD_BYTES = 2 * 1024 * 1024
 #: Topic-level ``max.message.bytes``: a batch of MAX_RECORD_BYTES plus framing. A stock
@@ -148,8 +149,23 @@ class Consumer(AIOKafkaConsumer):
         return reported
 
 
+def group_instance_id(settings: Settings, group_id: str) -> str | None:
+    """The static member id of this process in ``group_id``: ROUNDLOG_INSTANCE_ID plus the role
+    (the group's name after the prefix), so ``--role all`` gives each of its groups its own id."""
+    if settings.instance_id is None:
+        return None
+    return f"{settings.instance_id}.{group_id.removeprefix(settings.topic_prefix + '.')}"
+
+
 def make_consumer(settings: Settings, group_id: str | None = None, **overrides: Any) -> Consumer:
-    """A consumer that never auto-commits: each role decides where its offsets live."""
+    """A consumer that never auto-commits: each role decides where its offsets live.
+
+    A group member is static when ``settings.instance_id`` is set: a process restarted under
+    the same id gets its partitions back at once, instead of after the session timeout that
+    frees the dead member's. It then no longer leaves the group when it stops (aiokafka sends
+    no LeaveGroup for static members), so a member removed for good is noticed only after the
+    session timeout.
+    """
     connection = settings.kafka_client_kwargs()
     kwargs: dict[str, Any] = {
         **connection,
@@ -166,6 +182,7 @@ def make_consumer(settings: Settings, group_id: str | None = None, **overrides: 
             "session_timeout_ms": timeout,
             "rebalance_timeout_ms": timeout,
             "heartbeat_interval_ms": max(100, timeout // 3),
+            "group_instance_id": group_instance_id(settings, group_id),
             **kwargs,
         }
     return Consumer(probe_kwargs={**connection, "enable_auto_commit": False}, **kwargs)

@@ -3,6 +3,11 @@
 A command's name may have several words (``topics create``, later ``db upgrade``);
 the parser tree is built from the registry, so adding a command touches nothing
 but its own function (and ``GROUPS`` for a new first word).
+
+A failure the user can fix (a server down, a bad URL, a bad file, a refused setting)
+ends the command with one line on stderr saying what is wrong and what to do, and exit
+status 2: ``main`` maps those exceptions to lines in ``_user_error``. Anything else is a
+bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import argparse
 import asyncio
 import importlib
 import logging
+import os
 import signal
 import sys
 import textwrap
@@ -100,14 +106,106 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Refused(Exception):
+    """A command cannot do what it was asked, for a reason the user can fix; ``main`` prints it."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    if not args.verbose:
+        logging.getLogger("aiokafka").addFilter(_not_a_bootstrap_attempt)
     try:
         return int(args.handler(args))
-    except ConfigError as exc:
-        print(f"roundlog: {exc}", file=sys.stderr)
+    except Exception as exc:
+        reason = _user_error(exc, args)
+        if reason is None:
+            raise  # a bug: its traceback is what helps
+        print(f"roundlog: {reason}", file=sys.stderr)
         return 2
+
+
+def _user_error(exc: Exception, args: argparse.Namespace) -> str | None:
+    """What is wrong and what to do, in one line, for a failure the user can cause; None for a bug."""
+    import psycopg
+    import sqlalchemy as sa
+    from aiokafka.errors import KafkaConnectionError
+    from alembic.script.revision import RevisionError
+    from alembic.util import CommandError
+
+    # what psycopg said, whether through SQLAlchemy or through a connection of replay's own
+    error = exc.orig if isinstance(exc, sa.exc.DBAPIError) and exc.orig is not None else exc
+    match error:
+        case ConfigError() | Refused():
+            return str(error)
+        case KafkaConnectionError():
+            return (
+                f"cannot reach the Kafka broker at {os.environ.get('ROUNDLOG_KAFKA_BOOTSTRAP')}: is it "
+                "running, and is ROUNDLOG_KAFKA_BOOTSTRAP right? (-v shows each attempt)"
+            )
+        case psycopg.OperationalError(sqlstate=None):  # the client's own: connecting, or a lost connection
+            return (
+                f"cannot connect to PostgreSQL ({_first_line(error)}): is it running, and is "
+                "ROUNDLOG_DATABASE_URL right?"
+            )
+        case psycopg.errors.UndefinedTable() | psycopg.errors.UndefinedColumn():
+            return (
+                f"the projection tables are missing or out of date ({_first_line(error)}): "
+                "run `roundlog db upgrade` first"
+            )
+        case CommandError() | RevisionError() if args.handler in (db_upgrade, db_downgrade):  # their --to
+            return f"{error}: give head, base, +N, -N or one of the revisions {', '.join(_revisions())}"
+        case OSError(filename=str(path)) if path == getattr(args, "file", None):
+            return f"{path}: {error.strerror}"
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0]
+
+
+#: aiokafka logs why each bootstrap server failed, then raises KafkaConnectionError, which main
+#: reports on one line; the attempts show with -v.
+_BOOTSTRAP_ATTEMPTS = ('Unable connect to "%s:%s": %s', 'Unable to request metadata from "%s:%s": %s')
+
+
+def _not_a_bootstrap_attempt(record: logging.LogRecord) -> bool:
+    return record.msg not in _BOOTSTRAP_ATTEMPTS
+
+
+def _revisions() -> list[str]:
+    """The migrations shipped in the package, oldest first."""
+    from importlib import resources
+
+    from alembic.script import ScriptDirectory
+
+    with resources.as_file(resources.files("roundlog") / "migrations") as scripts:
+        return [script.revision for script in reversed(list(ScriptDirectory(str(scripts)).walk_revisions()))]
+
+
+def _settings() -> Settings:
+    """``Settings.from_env()`` with both server addresses parsed, so a malformed one is one line."""
+    import sqlalchemy as sa
+    from aiokafka.conn import collect_hosts
+
+    settings = Settings.from_env()
+    try:
+        url = sa.make_url(settings.database_url)
+    except sa.exc.ArgumentError:
+        url = None
+    if url is None or url.drivername != "postgresql+psycopg":
+        shown = "" if url is None else f", not {url.render_as_string()!r}"
+        raise ConfigError(
+            "ROUNDLOG_DATABASE_URL must be a PostgreSQL URL, postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
+            + shown
+        )
+    try:
+        collect_hosts(settings.kafka_bootstrap)
+    except ValueError:
+        raise ConfigError(
+            f"ROUNDLOG_KAFKA_BOOTSTRAP must be host:port[,host:port], not {settings.kafka_bootstrap!r}"
+        ) from None
+    return settings
 
 
 @command(
@@ -140,7 +238,7 @@ def up(args: argparse.Namespace) -> int:
 def topics_create(args: argparse.Namespace) -> int:
     from roundlog.bus import create_topics
 
-    settings = Settings.from_env()
+    settings = _settings()
     for name, created in asyncio.run(create_topics(settings)).items():
         print(f"{'created' if created else 'exists '} {name}")
     return 0
@@ -186,7 +284,7 @@ def demo(args: argparse.Namespace) -> int:
     try:
         options = Options(args.clients, args.rounds, args.aggregator, args.stragglers, args.seed)
     except ValueError as exc:
-        raise SystemExit(f"roundlog: {exc}") from None
+        raise Refused(str(exc)) from None
     with stack_settings() as settings:
         return run(settings, options)
 
@@ -217,7 +315,7 @@ ROLES = {
 def serve(args: argparse.Namespace) -> int:
     from roundlog import observability
 
-    settings = Settings.from_env()
+    settings = _settings()
     ops = observability.OpsSettings.from_env()
     observability.configure_logging(ops.log_level, json=ops.log_format == "json")
     names = list(ROLES) if "all" in args.role else list(dict.fromkeys(args.role))
@@ -258,7 +356,7 @@ _SCHEMA = arg(
 def db_upgrade(args: argparse.Namespace) -> int:
     from roundlog.projections.schema import current, upgrade
 
-    settings = Settings.from_env()
+    settings = _settings()
     upgrade(settings.database_url, args.schema, args.to)
     print(f"projection tables at revision {current(settings.database_url, args.schema)}")
     return 0
@@ -273,7 +371,7 @@ def db_upgrade(args: argparse.Namespace) -> int:
 def db_downgrade(args: argparse.Namespace) -> int:
     from roundlog.projections.schema import current, downgrade
 
-    settings = Settings.from_env()
+    settings = _settings()
     downgrade(settings.database_url, args.to, args.schema)
     print(f"projection tables at revision {current(settings.database_url, args.schema) or 'base'}")
     return 0
@@ -305,10 +403,12 @@ def replay_command(args: argparse.Namespace) -> int:
 
     from roundlog.replay import replay
 
-    settings = Settings.from_env()
+    settings = _settings()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    console = Console(stderr=True)
     try:
-        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        # not on a pipe: there it would leave an empty line on stderr, even before a one-line failure
+        with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
             task = bar.add_task(f"replaying into {args.schema}", total=None)
             report = asyncio.run(
                 replay(
@@ -342,7 +442,7 @@ def _check_aggregator(name: str) -> None:
     from roundlog.aggregation import AGGREGATORS
 
     if name not in AGGREGATORS:
-        raise SystemExit(f"roundlog: unknown aggregator {name!r}; one of {', '.join(AGGREGATORS)}")
+        raise Refused(f"unknown aggregator {name!r}; one of {', '.join(AGGREGATORS)}")
 
 
 def _lookup(settings: Settings, table_name: str, given: str) -> Any:
@@ -361,9 +461,9 @@ def _lookup(settings: Settings, table_name: str, given: str) -> Any:
         engine.dispose()
     kind = table_name.removesuffix("s")
     if not rows:
-        raise SystemExit(f"roundlog: no {kind} {given!r} in the projections (is the projector running?)")
+        raise Refused(f"no {kind} {given!r} in the projections (is the projector running?)")
     if len(rows) > 1:
-        raise SystemExit(f"roundlog: {given!r} is the start of several {table_name}' ids; give more of it")
+        raise Refused(f"{given!r} is the start of several {table_name}' ids; give more of it")
     return rows[0]
 
 
@@ -386,8 +486,8 @@ async def _producing(settings: Settings, work: Callable[[Any, Any], Any]) -> Any
     from roundlog.bus import Topics, make_producer
 
     producer = make_producer(settings)
-    await producer.start()
     try:
+        await producer.start()
         return await work(producer, Topics.from_prefix(settings.topic_prefix))
     finally:
         await producer.stop()
@@ -406,13 +506,10 @@ async def _producing(settings: Settings, work: Callable[[Any, Any], Any]) -> Any
 def model_import(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import numpy as np
-
     from roundlog.client import import_model
 
-    settings = Settings.from_env()
-    with np.load(args.file, allow_pickle=False) as npz:
-        arrays = [(name, npz[name]) for name in npz.files]
+    settings = _settings()
+    arrays = _read_npz(args.file)
     name = Path(args.file).name.removesuffix(".npz") if args.name is None else args.name
     model_id, _ = asyncio.run(_producing(settings, lambda p, t: import_model(p, t, arrays, name)))
     print(model_id)
@@ -425,29 +522,88 @@ def model_import(args: argparse.Namespace) -> int:
     example="roundlog model export 0aac75d2 final.npz",
     arguments=[
         arg("model_id", metavar="ID", help="model id, or its first characters"),
-        arg("file", metavar="FILE.npz", help="where to write (numpy.savez)"),
+        arg("file", metavar="FILE.npz", help="where to write (numpy.savez's format)"),
     ],
 )
 def model_export(args: argparse.Namespace) -> int:
+    import zipfile
+
     import numpy as np
 
     from roundlog.bus import Topics, make_consumer
     from roundlog.tensors import read_tensors
 
-    settings = Settings.from_env()
+    settings = _settings()
+    _check_writable(args.file)
     ref = _tensor_ref(_lookup(settings, "models", args.model_id))
 
     async def fetch() -> Any:
         consumer = make_consumer(settings)
-        await consumer.start()
         try:
+            await consumer.start()
             return await read_tensors(consumer, Topics.from_prefix(settings.topic_prefix).tensors, ref)
         finally:
             await consumer.stop()
 
-    np.savez(args.file, **dict(asyncio.run(fetch())))
+    arrays = asyncio.run(fetch())
+    # numpy.savez's own format, written here: savez would take arrays named "file" or "allow_pickle"
+    # for its arguments, and append .npz to a FILE without it
+    with zipfile.ZipFile(args.file, "w", allowZip64=True) as npz:
+        for name, array in arrays:
+            with npz.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, array, allow_pickle=False)
     print(f"{args.file}: {len(ref.arrays)} arrays, {ref.nbytes:,} bytes, sha256 {ref.sha256}")
     return 0
+
+
+def _read_npz(path: str) -> list[tuple[str, Any]]:
+    """The arrays of an .npz file in order; refused unless it holds at least one and each is numeric."""
+    import zipfile
+
+    import numpy as np
+
+    with open(path, "rb") as file:  # a missing or unreadable file fails here, as an OSError on FILE
+        if not zipfile.is_zipfile(file):  # numpy would blame "pickled data"
+            raise Refused(f"{path} is not an .npz file (a zip of .npy arrays, as numpy.savez writes)")
+        file.seek(0)
+        with np.load(file, allow_pickle=False) as npz:
+            arrays = [(name, _numeric_array(path, npz, name)) for name in npz.files]
+    if not arrays:
+        raise Refused(f"{path} holds no arrays; a model needs at least one")
+    return arrays
+
+
+def _numeric_array(path: str, npz: Any, name: str) -> Any:
+    """Array ``name`` of an open .npz file, refused unless its dtype can be streamed."""
+    import numpy as np
+
+    from roundlog.arrays import STREAMABLE_KINDS
+
+    numeric = "only bool, integer, float and complex arrays can be stored"
+    try:
+        array = npz[name]
+    except ValueError as exc:  # an object array (numpy would need pickle), or a damaged header
+        raise Refused(f"{path}: array {name!r} is not numeric or is damaged ({exc}); {numeric}") from None
+    if not isinstance(array, np.ndarray):
+        raise Refused(f"{path}: {name!r} is not a .npy array; {numeric}")
+    if array.dtype.kind not in STREAMABLE_KINDS or array.dtype.fields is not None:
+        raise Refused(f"{path}: array {name!r} has dtype {array.dtype}; {numeric}")
+    return array
+
+
+def _check_writable(path: str) -> None:
+    """Refuse, before a long fetch, a file that cannot be written: probe its directory with a nameless
+    temporary file (missing, not a directory, no permission, read-only), which vanishes on close."""
+    import tempfile
+    from pathlib import Path
+
+    target = Path(path)
+    if target.is_dir():
+        raise Refused(f"cannot write {path}: it is a directory; give a file name")
+    try:
+        tempfile.TemporaryFile(dir=target.parent).close()
+    except OSError as exc:
+        raise Refused(f"cannot write {path}: {target.parent}: {exc.strerror}") from None
 
 
 #: The RoundConfig fields as flags (dest = field name); None means "not given", so defaults can differ.
@@ -478,13 +634,12 @@ def _round_config(args: argparse.Namespace, base: Any) -> Any:
     from roundlog.domain.session import config_problem
 
     given = {
-        f.name: getattr(args, f.name) for f in dataclasses.fields(base) if getattr(args, f.name) is not None
+        f.name: value for f in dataclasses.fields(base) if (value := getattr(args, f.name, None)) is not None
     }
     config = dataclasses.replace(base, **given)
-    _check_aggregator(config.aggregator)
     problem = config_problem(config)
     if problem is not None:
-        raise SystemExit(f"roundlog: {problem}")
+        raise Refused(problem)
     return config
 
 
@@ -512,10 +667,10 @@ def session_start(args: argparse.Namespace) -> int:
     from roundlog.client import start_session
     from roundlog.domain.events import RoundConfig
 
-    settings = Settings.from_env()
+    settings = _settings()
     config = _round_config(args, RoundConfig())
     if args.rounds < 1:
-        raise SystemExit(f"roundlog: --rounds must be >= 1, not {args.rounds}")
+        raise Refused(f"--rounds must be >= 1, not {args.rounds}")
     model = _lookup(settings, "models", args.model)
     session_id = asyncio.run(
         _producing(
@@ -563,7 +718,7 @@ def round_request(args: argparse.Namespace) -> int:
     from roundlog.client import request_round
     from roundlog.domain.events import RoundConfig, Task
 
-    settings = Settings.from_env()
+    settings = _settings()
     session = _lookup(settings, "sessions", args.session)
     stored = {**session.config, "aggregator_kwargs": json.dumps(session.config["aggregator_kwargs"])}
     config = _round_config(args, RoundConfig(**stored))
@@ -636,7 +791,7 @@ def status(args: argparse.Namespace) -> int:
     import sqlalchemy as sa
     from rich.console import Console
 
-    settings = Settings.from_env()
+    settings = _settings()
     session = None if args.session is None else _lookup(settings, "sessions", args.session)
     engine = sa.create_engine(settings.database_url, poolclass=sa.NullPool)
     try:
@@ -723,7 +878,7 @@ def _print_session(console: Any, session: Any, rounds: Sequence[Any], metrics: S
 def tail(args: argparse.Namespace) -> int:
     from roundlog.bus import Topics, make_consumer, read_from_end
 
-    settings = Settings.from_env()
+    settings = _settings()
     topics = Topics.from_prefix(settings.topic_prefix)
     watched = [topics.events, *([topics.clients] if args.heartbeats else [])]
 
@@ -733,8 +888,8 @@ def tail(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         consumer = make_consumer(settings)
-        await consumer.start()
         try:
+            await consumer.start()
             if args.from_beginning:
                 consumer.subscribe(watched)
             else:

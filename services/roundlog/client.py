@@ -48,8 +48,9 @@ from roundlog.domain.events import (
     UpdateReceived,
     ValidationReceived,
     derived_id,
+    update_id_for,
 )
-from roundlog.domain.session import config_problem
+from roundlog.domain.validation import event_problem
 from roundlog.tensors import TensorReader, write_tensors
 
 log = logging.getLogger("roundlog.client")
@@ -62,11 +63,6 @@ PredictFn = Callable[[NamedArrays, RoundConfig], tuple[str, Metrics]]
 
 #: How long one poll of the events topic waits, which bounds how late ``stop`` is noticed.
 POLL_MS = 200
-
-
-def update_id_for(round_id: str, client_id: str) -> str:
-    """The id (and tensors key) of a client's update in a round: the same on every retry."""
-    return derived_id(round_id, "client", client_id, "update")
 
 
 def submission_event_id(round_id: str, client_id: str, task: Task) -> str:
@@ -277,11 +273,8 @@ async def start_session(
 ) -> str:
     """Start a session of ``rounds`` training rounds on a stored model; returns the new session id.
 
-    A config the fold would refuse raises ``ValueError`` here instead of vanishing in the log.
+    A session the fold would refuse raises ``ValueError`` here instead of vanishing in the log.
     """
-    problem = config_problem(config) if rounds >= 1 else f"rounds must be >= 1, got {rounds}"
-    if problem is not None:
-        raise ValueError(problem)
     session_id = str(uuid.uuid4())
     started = SessionStarted(
         event_id=derived_id(session_id, "started"),
@@ -295,6 +288,7 @@ async def start_session(
         validate_each_round=validate_each_round,
         stop_on_failure=stop_on_failure,
     )
+    _refuse_malformed(started)
     await publish(producer, topics, [started])
     return session_id
 
@@ -314,9 +308,14 @@ async def request_round(
     The ids are the ones the coordinator derives for the same round, so asking twice, or
     asking for a round the session's plan also asks for, is one request.
     """
-    problem = config_problem(config)
-    if problem is not None:
-        raise ValueError(problem)
     requested = round_request(session_id, round_no, task, model_id, config, utc_now())
+    _refuse_malformed(requested)
     await publish(producer, topics, [requested])
     return requested.round_id
+
+
+def _refuse_malformed(event: Event) -> None:
+    """An event the fold would refuse raises ``ValueError`` here instead of vanishing in the log."""
+    refusal = event_problem(event)
+    if refusal is not None:
+        raise ValueError(refusal.detail)

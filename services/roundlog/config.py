@@ -8,6 +8,7 @@ the two lines it prints.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 from aiokafka.helpers import create_ssl_context
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+#: What Kafka allows in a ``group.instance.id`` (the same rule as for topic names).
+INSTANCE_ID = re.compile(r"[A-Za-z0-9._-]{1,200}")
 
 
 class ConfigError(ValueError):
@@ -45,6 +48,10 @@ class Settings:
     kafka_sasl_username: str | None = None
     kafka_sasl_password: str | None = field(default=None, repr=False)
     kafka_ssl_cafile: str | None = None
+    #: this process's static group membership id (``group.instance.id``, each role appends its
+    #: name): a restarted process with the same id takes its partitions back without waiting
+    #: for the session timeout. Unique per process; None (the default) joins dynamically.
+    instance_id: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -78,6 +85,12 @@ class Settings:
                 f"ROUNDLOG_KAFKA_SECURITY_PROTOCOL must be one of {', '.join(SECURITY_PROTOCOLS)}, "
                 f"not {protocol!r}"
             )
+        instance_id = get("ROUNDLOG_INSTANCE_ID")
+        if instance_id is not None and not INSTANCE_ID.fullmatch(instance_id):
+            raise ConfigError(
+                "ROUNDLOG_INSTANCE_ID must be 1-200 letters, digits, '.', '_' or '-' "
+                f"(e.g. the pod name), not {instance_id!r}"
+            )
         return cls(
             kafka_bootstrap=env["ROUNDLOG_KAFKA_BOOTSTRAP"],
             database_url=sqlalchemy_url(env["ROUNDLOG_DATABASE_URL"]),
@@ -89,6 +102,7 @@ class Settings:
             kafka_sasl_username=get("ROUNDLOG_KAFKA_SASL_USERNAME"),
             kafka_sasl_password=get("ROUNDLOG_KAFKA_SASL_PASSWORD"),
             kafka_ssl_cafile=get("ROUNDLOG_KAFKA_SSL_CAFILE"),
+            instance_id=instance_id,
         )
 
     def env(self) -> dict[str, str]:
@@ -104,6 +118,7 @@ class Settings:
             "ROUNDLOG_KAFKA_SASL_USERNAME": self.kafka_sasl_username,
             "ROUNDLOG_KAFKA_SASL_PASSWORD": self.kafka_sasl_password,
             "ROUNDLOG_KAFKA_SSL_CAFILE": self.kafka_ssl_cafile,
+            "ROUNDLOG_INSTANCE_ID": self.instance_id,
         }
         return {name: value for name, value in values.items() if value is not None}
 

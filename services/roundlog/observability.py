@@ -18,13 +18,13 @@ import os
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib.metadata import PackageNotFoundError, version
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -51,6 +51,8 @@ DEFAULT_METRICS_PORT = 9400
 #: because a role re-folding a long partition after a rebalance does not beat meanwhile.
 DEFAULT_STALE_AFTER = 60.0
 LOG_FORMATS = ("text", "json")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -206,6 +208,26 @@ LIVENESS = Liveness()
 def heartbeat(role: str) -> None:
     """Called by a role once per loop iteration: ``/healthz`` and ``roundlog_up`` follow it."""
     LIVENESS.beat(role)
+
+
+async def beating(role: str, pending: Awaitable[T], alive: Callable[[], bool], every: float = 0.5) -> T:
+    """Await ``pending`` (a consumer's ``getmany``), beating for ``role`` meanwhile while ``alive()``.
+
+    ``getmany`` blocks through a whole rebalance (seconds, up to twice the session timeout on
+    Tansu): a member waiting on its group is not stuck and must not be restarted for it, which
+    would only start another rebalance. One whose own rebalance callback hangs (e.g. on a
+    database lock) is stuck: ``alive`` says False while a callback or a failure holds the role.
+    """
+    task = asyncio.ensure_future(pending)
+    try:
+        while True:
+            done, _ = await asyncio.wait([task], timeout=every)
+            if done:
+                return task.result()
+            if alive():
+                heartbeat(role)
+    finally:
+        task.cancel()  # a no-op once done; stops the poll when the caller is cancelled
 
 
 class _UpCollector:

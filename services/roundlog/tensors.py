@@ -52,41 +52,75 @@ async def write_tensors(
     )
 
 
-async def read_chunks(consumer: AIOKafkaConsumer, topic: str, ref: TensorRef) -> AsyncIterator[bytes]:
-    """Yield the blob's chunks in order; a missing or misplaced chunk is a StreamError.
+#: How long a reader waits for a chunk the broker should already have (it was written before the
+#: event that points at it) before calling the stream incomplete.
+CHUNK_WAIT_S = 10.0
+#: How long a reader trusts a high watermark at or before a chunk it needs (a new leader's may lag
+#: for a moment) before calling the stream incomplete: a reference past the end fails this fast.
+PAST_END_GRACE_S = 1.0
+POLL_MS = 250
 
-    ``consumer`` is a group-less consumer this reader may re-assign and seek at will.
+
+async def read_chunks(consumer: AIOKafkaConsumer, topic: str, ref: TensorRef) -> AsyncIterator[bytes]:
+    """Yield the blob's chunks in order; a missing, misplaced or malformed chunk is a StreamError.
+
+    ``consumer`` is a group-less consumer this reader may re-assign and seek at will. A
+    TensorRef comes from a record anyone can write, so every way it can be wrong (a
+    partition that does not exist, offsets past the end, a chunk without its sequence
+    header) ends as a StreamError, promptly: nothing else escapes, and nothing waits long.
     """
+    if ref.first_offset < 0:
+        raise StreamError("incomplete", f"tensors of {ref.key}: offset {ref.first_offset}")
     tp = TopicPartition(topic, ref.partition)
     if consumer.assignment() != {tp}:
         consumer.assign([tp])
     consumer.seek(tp, ref.first_offset)
     key = ref.key.encode()
     expected_seq = 0
-    while True:
-        batch = await consumer.getmany(tp, timeout_ms=10_000, max_records=64)
-        records = batch.get(tp, [])
+    position = ref.first_offset
+    waited = 0.0
+    while position <= ref.last_offset:
+        records = (await consumer.getmany(tp, timeout_ms=POLL_MS, max_records=64)).get(tp, [])
         if not records:
-            raise StreamError(
-                "incomplete", f"tensors of {ref.key}: no record after offset {ref.first_offset}"
-            )
+            waited += POLL_MS / 1000
+            known = consumer.partitions_for_topic(topic)  # metadata of the assigned topic, after a poll
+            if known is not None and ref.partition not in known:
+                raise StreamError(
+                    "incomplete", f"tensors of {ref.key}: {topic} has no partition {ref.partition}"
+                )
+            highwater = consumer.highwater(tp)
+            past_end = highwater is not None and highwater <= position and waited >= PAST_END_GRACE_S
+            if past_end or waited >= CHUNK_WAIT_S:
+                raise StreamError(
+                    "incomplete", f"tensors of {ref.key}: no record at offset {position} (end: {highwater})"
+                )
+            continue
+        waited = 0.0
+        if records[0].offset < position:  # the consumer reset its position: ours was out of range
+            raise StreamError("incomplete", f"tensors of {ref.key}: offset {position} is out of range")
         for record in records:
+            position = record.offset + 1
             if record.offset > ref.last_offset:
                 break
             if record.key != key:
                 continue
-            seq = int(dict(record.headers).get(SEQ_HEADER, b"-1"))
+            seq = _sequence_number(record.headers)
             if seq != expected_seq:
                 raise StreamError(
                     "incomplete", f"tensors of {ref.key}: chunk {seq} where {expected_seq} belongs"
                 )
+            if record.value is None:
+                raise StreamError("incomplete", f"tensors of {ref.key}: chunk {seq} has no value")
             expected_seq += 1
-            assert record.value is not None
             yield record.value
-        if records[-1].offset >= ref.last_offset:
-            break
     if expected_seq != ref.chunks:
         raise StreamError("incomplete", f"tensors of {ref.key}: {expected_seq} of {ref.chunks} chunks found")
+
+
+def _sequence_number(headers: Sequence[tuple[str, bytes]]) -> int | None:
+    """The chunk's ``roundlog-chunk`` header as a number, or None when it is missing or not one."""
+    value = dict(headers).get(SEQ_HEADER)
+    return int(value) if value is not None and value.isdigit() else None
 
 
 def check_layout(ref: TensorRef, expected: Sequence[ArraySpec]) -> None:
@@ -105,7 +139,12 @@ def check_layout(ref: TensorRef, expected: Sequence[ArraySpec]) -> None:
 async def read_tensors(consumer: AIOKafkaConsumer, topic: str, ref: TensorRef) -> NamedArrays:
     """The whole blob as arrays, hash-checked: for export and staging, not for folding."""
     reassembler = Reassembler(ref.arrays)
-    arrays = [np.empty(spec.shape, dtype=np.dtype(spec.dtype)) for spec in ref.arrays]
+    try:
+        arrays = [np.empty(spec.shape, dtype=np.dtype(spec.dtype)) for spec in ref.arrays]
+    except MemoryError:
+        raise StreamError(
+            "too_large", f"tensors of {ref.key}: {ref.nbytes} bytes do not fit in memory"
+        ) from None
     async for chunk in read_chunks(consumer, topic, ref):
         for piece in reassembler.feed(chunk):
             flat = arrays[piece.index].reshape(-1)

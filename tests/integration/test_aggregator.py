@@ -20,7 +20,7 @@ from roundlog.roles.aggregator import AggregatorRole
 from roundlog.roles.stream import Entry
 from roundlog.tensors import TensorReader, write_tensors
 
-from tests.builders import Script
+from tests.builders import Script, uid
 
 Arrays = list[tuple[str, np.ndarray[Any, Any]]]
 
@@ -76,7 +76,7 @@ async def training_round(
         script.assigned(clients=tuple(updates)),
     ]
     for client, arrays in updates.items():
-        ref = await write_tensors(producer, topics.tensors, f"u-r1-{client}", arrays)
+        ref = await write_tensors(producer, topics.tensors, uid(client), arrays)
         events.append(dataclasses.replace(script.update(client), tensor=ref, num_examples=10 + len(events)))
     return events
 
@@ -103,7 +103,7 @@ async def test_a_round_aggregates_to_the_example_weighted_mean(topics: tuple[Set
         expected = sum(weights[c] * updates[c][index][1].astype(np.float64) for c in updates) / total
         assert name == updates["a"][index][0] and array.dtype == np.float32
         np.testing.assert_array_equal(array, expected.astype(np.float32))
-    assert aggregated.update_ids == ("u-r1-a", "u-r1-b", "u-r1-c")
+    assert aggregated.update_ids == (uid("a"), uid("b"), uid("c"))
     assert aggregated.total_weight == total
 
 
@@ -143,7 +143,7 @@ async def test_an_unusable_update_is_rejected_with_its_reason(
     rejected = [e for e in found if isinstance(e, UpdateRejected)]
     aggregated = [e for e in found if isinstance(e, RoundAggregated)]
     assert [(e.client_id, e.reason) for e in rejected] == [("b", reason)]
-    assert aggregated and aggregated[0].update_ids == ("u-r1-a", "u-r1-c")
+    assert aggregated and aggregated[0].update_ids == (uid("a"), uid("c"))
 
 
 async def test_the_audit_refolds_every_round_to_the_logged_model(topics: tuple[Settings, Topics]) -> None:
@@ -170,7 +170,7 @@ async def test_the_audit_reports_a_model_the_updates_do_not_fold_to(topics: tupl
     script = Script(config=RoundConfig(buffer_size=2))
     events = await training_round(producer, names, script, {"a": client_update(1), "b": client_update(2)})
     forged_model = await write_tensors(producer, names.tensors, "forged", client_update(3))
-    forged = dataclasses.replace(script.aggregated(update_ids=("u-r1-a", "u-r1-b")), tensor=forged_model)
+    forged = dataclasses.replace(script.aggregated(update_ids=(uid("a"), uid("b"))), tensor=forged_model)
     await publish(producer, names, [*events, forged])
     await producer.stop()
 

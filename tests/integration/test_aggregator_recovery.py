@@ -21,7 +21,7 @@ from roundlog.roles.aggregator import AggregatorRole, model_id_of
 from roundlog.roles.stream import Entry
 from roundlog.tensors import write_tensors
 
-from tests.builders import Script
+from tests.builders import Script, uid
 
 ROUNDS = 4
 CLIENTS = ("a", "b", "c", "d", "e")
@@ -70,7 +70,7 @@ async def play_session(settings: Settings, topics: Topics) -> list[RoundAggregat
                 script.assigned(rid, CLIENTS),
             ]
             for n, client in enumerate(CLIENTS):
-                ref = await write_tensors(producer, topics.tensors, f"u-{rid}-{client}", arrays(100 * k + n))
+                ref = await write_tensors(producer, topics.tensors, uid(client, rid), arrays(100 * k + n))
                 events.append(
                     dataclasses.replace(script.update(client, rid), tensor=ref, num_examples=10 + n)
                 )

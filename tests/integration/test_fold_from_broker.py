@@ -10,7 +10,7 @@ from roundlog.domain.events import Event, Task
 from roundlog.domain.ledger import Ledger
 from roundlog.roles.stream import PartitionFold, refold
 
-from tests.builders import Script
+from tests.builders import Script, uid
 
 
 def scripted_sessions() -> list[Event]:
@@ -26,7 +26,7 @@ def scripted_sessions() -> list[Event]:
             a.update("a", update_id="again"),
             a.update("b"),
             a.update("c"),
-            a.aggregated(update_ids=("u-r1-a", "u-r1-b")),
+            a.aggregated(update_ids=(uid("a"), uid("b"))),
         ],
         [b.started(), b.requested(), b.staged(), b.assigned(), b.timed_out(), b.finished(succeeded=False)],
         [

@@ -263,3 +263,19 @@ async def test_serve_answers_health_and_metrics_on_its_port(
 
     lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
     assert any(line["message"].startswith("serving /metrics") and line["port"] == port for line in lines)
+
+
+async def test_a_role_waiting_on_its_group_beats_unless_held() -> None:
+    """``beating`` keeps a role alive through a long ``getmany`` (a rebalance), not through a hang."""
+    role, held = "test-beating", False
+
+    async def rebalance() -> str:
+        await asyncio.sleep(0.8)
+        return "batch"
+
+    with observability.LIVENESS.track(role, stale_after=0.3):
+        assert await observability.beating(role, rebalance(), alive=lambda: not held, every=0.05) == "batch"
+        assert observability.LIVENESS.status()[role]["alive"]
+        held = True  # e.g. a rebalance callback stuck on a database lock
+        assert await observability.beating(role, rebalance(), alive=lambda: not held, every=0.05) == "batch"
+        assert not observability.LIVENESS.status()[role]["alive"]

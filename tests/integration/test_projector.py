@@ -36,7 +36,7 @@ from roundlog.projections.writer import libpq_url
 from roundlog.replay import replay
 from roundlog.roles.projector import consumer_name, run
 
-from tests.builders import T0, Script, tensor_ref
+from tests.builders import T0, Script, tensor_ref, uid
 
 #: A record as produced: topic, key, value.
 Record = tuple[str, bytes | None, bytes]
@@ -251,7 +251,7 @@ async def test_a_session_lands_in_every_table(topics: tuple[Settings, Topics], d
         s.update("x", "s1-r1"),
         s.update("b", "s1-r1"),
         s.update("c", "s1-r1"),
-        s.aggregated("s1-r1", ("u-s1-r1-a", "u-s1-r1-b")),
+        s.aggregated("s1-r1", (uid("a", "s1-r1"), uid("b", "s1-r1"))),
         s.requested("s1-r2", model_id="m1", round_no=2),
         s.staged("s1-r2", model_id="m1"),
         s.assigned("s1-r2", ("a", "b")),

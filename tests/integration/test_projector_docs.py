@@ -30,7 +30,7 @@ from roundlog.domain.events import (
     TensorRef,
 )
 
-from tests.builders import Script, tensor_ref
+from tests.builders import Script, tensor_ref, uid
 from tests.integration.test_projector import prepared, produce, project, query, records_of
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "sql.md"
@@ -78,7 +78,7 @@ def mnist(out: list[Event]) -> None:
             74,
             s.aggregated(
                 "mnist-r1",
-                ("u-mnist-r1-hospital-a", "u-mnist-r1-hospital-b", "u-mnist-r1-hospital-c"),
+                (uid("hospital-a", "mnist-r1"), uid("hospital-b", "mnist-r1"), uid("hospital-c", "mnist-r1")),
                 "mnist-m1",
                 "mnist-init",
             ),
@@ -107,7 +107,10 @@ def mnist(out: list[Event]) -> None:
         c.at(
             160,
             s.aggregated(
-                "mnist-r2", ("u-mnist-r2-hospital-a", "u-mnist-r2-hospital-b"), "mnist-m2", "mnist-m1"
+                "mnist-r2",
+                (uid("hospital-a", "mnist-r2"), uid("hospital-b", "mnist-r2")),
+                "mnist-m2",
+                "mnist-m1",
             ),
             total_weight=2000.0,
         ),
@@ -122,7 +125,7 @@ def mnist(out: list[Event]) -> None:
             270,
             s.aggregated(
                 "mnist-r3",
-                ("u-mnist-r3-hospital-a", "u-mnist-r3-hospital-c", "u-mnist-r3-clinic-d"),
+                (uid("hospital-a", "mnist-r3"), uid("hospital-c", "mnist-r3"), uid("clinic-d", "mnist-r3")),
                 "mnist-m3",
                 "mnist-m2",
             ),

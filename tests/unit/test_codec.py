@@ -7,12 +7,9 @@ expectations from the Avro spec and plain fastavro, never from the codec's own h
 from __future__ import annotations
 
 import dataclasses
-import enum
 import io
 import json
 import math
-import types
-import typing
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta, timezone
 from importlib import resources
@@ -37,6 +34,8 @@ from roundlog.domain.events import (
     TensorRef,
     UpdateReceived,
 )
+
+from tests.strategies import any_event, instances
 
 SCHEMAS = resources.files("roundlog") / "schemas"
 T0 = datetime(2024, 5, 1, 12, 30, 15, 123000, tzinfo=UTC)
@@ -85,43 +84,7 @@ def written_by_plain_fastavro(schema: dict[str, Any], record: dict[str, Any]) ->
     return buf.getvalue()
 
 
-# --- random valid events, derived from the dataclasses' type hints -------------------------------
-
-MILLIS_SINCE_EPOCH = st.integers(
-    min_value=(datetime(1, 1, 1, tzinfo=UTC) - datetime.fromtimestamp(0, UTC)) // timedelta(milliseconds=1),
-    max_value=(datetime(9999, 12, 31, tzinfo=UTC) - datetime.fromtimestamp(0, UTC))
-    // timedelta(milliseconds=1),
-)
-PRIMITIVES: dict[Any, st.SearchStrategy[Any]] = {
-    str: st.text(max_size=12),
-    int: st.integers(min_value=-(2**63), max_value=2**63 - 1),
-    float: st.floats(allow_nan=False),  # NaN != NaN: an event holding one is not equal to itself
-    bool: st.booleans(),
-    datetime: MILLIS_SINCE_EPOCH.map(lambda ms: datetime.fromtimestamp(0, UTC) + timedelta(milliseconds=ms)),
-}
-
-
-def values(hint: Any) -> st.SearchStrategy[Any]:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        return instances(typing.cast(type[Any], hint))
-    if origin is types.UnionType:
-        return st.none() | values(next(a for a in args if a is not type(None)))
-    if origin is tuple:
-        return st.lists(values(args[0]), max_size=3).map(tuple)
-    if origin is Mapping:
-        return st.dictionaries(st.text(max_size=8), values(args[1]), max_size=3)
-    if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        return st.sampled_from(hint)
-    return PRIMITIVES[hint]
-
-
-def instances(cls: type[Any]) -> st.SearchStrategy[Any]:
-    hints = typing.get_type_hints(cls)
-    return st.builds(cls, **{f.name: values(hints[f.name]) for f in dataclasses.fields(cls)})
-
-
-ANY_EVENT: st.SearchStrategy[Event] = st.one_of([instances(t) for t in EVENT_TYPES])
+ANY_EVENT = any_event()
 
 
 def shape(value: Any) -> Any:
@@ -234,14 +197,28 @@ def test_released_versions_evolve_into_the_current_schema_only_by_added_fields_w
     ]
     assert ("ClientHeartbeat", "v1.avsc") in [(name, version.name) for name, version in released]
     for name, version in released:
-        old = {f["name"]: f for f in json.loads(version.read_text(encoding="utf-8"))["fields"]}
-        current = {f["name"]: f for f in avsc(f"{name}.avsc")["fields"]}
-        assert old.keys() <= current.keys(), f"{version}: fields were removed"
-        for field_name, field in current.items():
-            if field_name in old:
-                assert without_docs(old[field_name]["type"]) == without_docs(field["type"]), field_name
+        assert_only_added_fields(json.loads(version.read_text(encoding="utf-8")), avsc(f"{name}.avsc"), name)
+
+
+def assert_only_added_fields(old: Any, current: Any, path: str) -> None:
+    """Records (nested ones too) may gain fields with defaults; every other type stays as it was."""
+    if isinstance(old, dict) and old.get("type") == "record":
+        assert isinstance(current, dict) and current.get("type") == "record", path
+        old_fields = {f["name"]: f for f in old["fields"]}
+        new_fields = {f["name"]: f for f in current["fields"]}
+        assert old_fields.keys() <= new_fields.keys(), f"{path}: fields were removed"
+        assert [n for n in new_fields if n in old_fields] == list(old_fields), (
+            f"{path}: fields were reordered"
+        )
+        for field_name, field in new_fields.items():
+            if field_name in old_fields:
+                assert_only_added_fields(
+                    old_fields[field_name]["type"], field["type"], f"{path}.{field_name}"
+                )
             else:
-                assert "default" in field, f"added field {field_name} has no default"
+                assert "default" in field, f"{path}: added field {field_name} has no default"
+    else:
+        assert without_docs(old) == without_docs(current), path
 
 
 # --- the encoding ------------------------------------------------------------------------------------

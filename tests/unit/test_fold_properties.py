@@ -9,7 +9,7 @@ from roundlog.domain.events import Event, Task, UpdateReceived
 from roundlog.domain.ledger import Ledger
 from roundlog.domain.round import TERMINAL, RoundState
 
-from tests.builders import Script
+from tests.builders import Script, uid
 
 SESSIONS = ("s1", "s2")
 ROUNDS = ("r1", "r2", "r3")
@@ -107,7 +107,7 @@ def make_event(s: Script, kind: str, rid: str, client: str, model: str, n: int) 
         case "update":
             return s.update(client, rid)
         case "update_reusing_id":
-            return s.update(client, rid, update_id=f"u-{rid}-{CLIENTS[n % 4]}")
+            return s.update(client, rid, update_id=uid(CLIENTS[n % 4], rid))
         case "validation":
             return s.validation(client, rid, model)
         case "prediction":
@@ -117,7 +117,7 @@ def make_event(s: Script, kind: str, rid: str, client: str, model: str, n: int) 
         case "timed_out":
             return s.timed_out(rid)
         case "aggregated":
-            return s.aggregated(rid, tuple(f"u-{rid}-{c}" for c in CLIENTS[: max(n, 0)]), parent=model)
+            return s.aggregated(rid, tuple(uid(c, rid) for c in CLIENTS[: max(n, 0)]), parent=model)
         case "failed":
             return s.failed(rid)
         case _:

@@ -12,7 +12,7 @@ from roundlog.projections.rows import EVENT_COLUMNS, UPDATE_COLUMNS, BatchRows, 
 from roundlog.roles.projector import fold_entry
 from roundlog.roles.stream import Entry, PartitionFold
 
-from tests.builders import T0, Script, tensor_ref
+from tests.builders import T0, Script, tensor_ref, uid
 
 TOPIC = "test.events"
 
@@ -74,11 +74,11 @@ def test_each_update_is_a_row_with_the_machines_verdict() -> None:
     updates = by_column(UPDATE_COLUMNS, rows.round_updates)
     verdicts = [(u["client_id"], u["update_id"], u["status"], u["reject_reason"]) for u in updates]
     assert verdicts == [
-        ("a", "u-s1-r1-a", "accepted", None),
+        ("a", uid("a", "s1-r1"), "accepted", None),
         ("a", "again", "rejected", "duplicate"),
-        ("x", "u-s1-r1-x", "rejected", "not_assigned"),
-        ("b", "u-s1-r1-b", "accepted", None),
-        ("c", "u-s1-r1-c", "rejected", "late"),
+        ("x", uid("x", "s1-r1"), "rejected", "not_assigned"),
+        ("b", uid("b", "s1-r1"), "accepted", None),
+        ("c", uid("c", "s1-r1"), "rejected", "late"),
     ]
     assert [r.reason for r in rows.rejections] == ["duplicate", "not_assigned", "late"]
     outcomes = [e["outcome"] for e in by_column(EVENT_COLUMNS, rows.events)]
@@ -108,7 +108,7 @@ def test_later_batches_count_their_own_results_and_flip_unusable_updates() -> No
     assert (round_["n_received"], round_["n_accepted"], round_["n_rejected"]) == (1, 1, 0)
     assert round_["total_weight"] == 10.0
     assert rows.update_flips == [
-        {"update_id": "u-s1-r1-a", "round_id": "s1-r1", "reason": "non_finite", "detail": None}
+        {"update_id": uid("a", "s1-r1"), "round_id": "s1-r1", "reason": "non_finite", "detail": None}
     ]
 
 
@@ -116,7 +116,7 @@ def test_a_session_finished_in_the_batch_keeps_its_final_state() -> None:
     s = Script()
     events = [
         *training_round(s),
-        s.aggregated("s1-r1", ("u-s1-r1-a", "u-s1-r1-b")),
+        s.aggregated("s1-r1", (uid("a", "s1-r1"), uid("b", "s1-r1"))),
         s.finished(succeeded=True),
     ]
     batches = Batches()

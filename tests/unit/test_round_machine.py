@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import pytest
 
-from roundlog.domain.events import Event, Task
+from roundlog.domain.events import Event, RoundConfig, Task
 from roundlog.domain.ledger import Ledger
 from roundlog.domain.round import ROUND_RULES, RoundState
 from roundlog.domain.rules import Reason
 
-from tests.builders import Script
+from tests.builders import Script, uid
 
 S = RoundState
 Setup = Callable[[Script], list[Event]]
@@ -48,7 +49,7 @@ SETUPS: dict[str, Setup] = {
         *_collecting(s),
         s.update("a"),
         s.update("b"),
-        s.aggregated(update_ids=("u-r1-a", "u-r1-b")),
+        s.aggregated(update_ids=(uid("a"), uid("b"))),
     ],
     "failed": lambda s: [s.started(), s.requested(), s.failed()],
     "validating": lambda s: _collecting(s, Task.VALIDATION),
@@ -151,8 +152,20 @@ CASES: list[tuple[str, str, Step, S | Reason]] = [
     (
         "collecting, a reported",
         "another client reuses an update id",
-        lambda s: s.update("b", update_id="u-r1-a"),
-        Reason.DUPLICATE,
+        lambda s: s.update("b", update_id=uid("a")),
+        Reason.FOREIGN_UPDATE_ID,
+    ),
+    (
+        "collecting",
+        "a client claims another client's id before it",
+        lambda s: s.update("b", update_id=uid("a")),
+        Reason.FOREIGN_UPDATE_ID,
+    ),
+    (
+        "collecting",
+        "an update claims more examples than the session allows",
+        lambda s: dataclasses.replace(s.update("a"), num_examples=RoundConfig().max_num_examples + 1),
+        Reason.WEIGHT_LIMIT,
     ),
     (
         "collecting, a reported",
@@ -202,7 +215,7 @@ CASES: list[tuple[str, str, Step, S | Reason]] = [
     (
         "closed",
         "the aggregate arrives",
-        lambda s: s.aggregated(update_ids=("u-r1-a", "u-r1-b")),
+        lambda s: s.aggregated(update_ids=(uid("a"), uid("b"))),
         S.AGGREGATED,
     ),
     (
@@ -229,7 +242,7 @@ CASES: list[tuple[str, str, Step, S | Reason]] = [
     (
         "closed by timeout",
         "the aggregate arrives",
-        lambda s: s.aggregated(update_ids=("u-r1-a",)),
+        lambda s: s.aggregated(update_ids=(uid("a"),)),
         S.AGGREGATED,
     ),
     ("aggregated", "a straggler reports", lambda s: s.update("c"), Reason.LATE),
@@ -246,7 +259,7 @@ CASES: list[tuple[str, str, Step, S | Reason]] = [
     (
         "aggregated",
         "it is aggregated again",
-        lambda s: s.aggregated(update_ids=("u-r1-a",)),
+        lambda s: s.aggregated(update_ids=(uid("a"),)),
         Reason.ILLEGAL,
     ),
     ("failed", "an update arrives", lambda s: s.update("a"), Reason.LATE),
@@ -356,7 +369,7 @@ def test_a_repeated_event_changes_nothing() -> None:
         ledger.apply(event)
     outcome = ledger.apply(events[-1])
     assert outcome.refusal is not None and outcome.refusal.reason == Reason.DUPLICATE_EVENT
-    assert list(ledger.sessions["s1"].rounds["r1"].accepted) == ["u-r1-a"]
+    assert list(ledger.sessions["s1"].rounds["r1"].accepted) == [uid("a")]
 
 
 def test_events_of_unknown_sessions_and_rounds_are_refused() -> None:

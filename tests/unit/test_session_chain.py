@@ -8,7 +8,7 @@ from roundlog.domain.ledger import Ledger
 from roundlog.domain.round import RoundState
 from roundlog.domain.session import Session, SessionState
 
-from tests.builders import Script
+from tests.builders import Script, uid
 
 
 def run_session(script: Script, ledger: Ledger, outcome_of: dict[int, str]) -> list[Event]:
@@ -40,7 +40,7 @@ def run_session(script: Script, ledger: Ledger, outcome_of: dict[int, str]) -> l
             events += [
                 script.update("a", rid),
                 script.update("b", rid),
-                script.aggregated(rid, (f"u-{rid}-a", f"u-{rid}-b"), new_model, parent=model),
+                script.aggregated(rid, (uid("a", rid), uid("b", rid)), new_model, parent=model),
             ]
         for event in events:
             assert ledger.apply(event).applied, event

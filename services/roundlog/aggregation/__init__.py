@@ -38,6 +38,7 @@ __all__ = [
     "DeltaNorm",
     "NonFiniteAggregate",
     "NothingToAggregate",
+    "check_config",
     "clip_scale",
     "make_aggregator",
     "max_norm",
@@ -60,6 +61,22 @@ _STATEFUL = frozenset({"fedavgm", "fedadam", "fedyogi", "fedadagrad"})
 AGGREGATORS = tuple(sorted(_FAMILIES))
 
 
+def _validated(name: str, kwargs: Mapping[str, object]) -> Builder:
+    if name not in _FAMILIES:
+        raise AggregatorConfigError(f"unknown aggregator {name!r}; choose one of {', '.join(AGGREGATORS)}")
+    params = Params(name, kwargs)
+    params.max_norm()  # every aggregator accepts it; the caller applies it through begin(scale=...)
+    build = _FAMILIES[name](params)
+    params.done()
+    return build
+
+
+def check_config(name: str, kwargs: Mapping[str, object]) -> None:
+    """Raise ``AggregatorConfigError`` for an unknown aggregator or bad kwargs, before any model exists:
+    a session is refused at its start, not at the end of its first round."""
+    _validated(name, kwargs)
+
+
 def make_aggregator(
     name: str, kwargs: Mapping[str, object], base: NamedArrays, state: NamedArrays | None = None
 ) -> Aggregator:
@@ -70,12 +87,7 @@ def make_aggregator(
     the others keep no state and refuse one, so a session that switches aggregators
     cannot silently drop or misapply its optimizer state.
     """
-    if name not in _FAMILIES:
-        raise AggregatorConfigError(f"unknown aggregator {name!r}; choose one of {', '.join(AGGREGATORS)}")
-    params = Params(name, kwargs)
-    params.max_norm()  # every aggregator accepts it; the caller applies it through begin(scale=...)
-    build = _FAMILIES[name](params)
-    params.done()
+    build = _validated(name, kwargs)
     if state is not None and name not in _STATEFUL:
         raise AggregatorConfigError(f"{name} keeps no optimizer state, but a state was given")
     return build(BaseModel.of(base), state)

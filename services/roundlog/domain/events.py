@@ -33,9 +33,14 @@ class ClientRole(enum.StrEnum):
     VALIDATOR = "validator"
 
 
+def update_id_for(round_id: str, client_id: str) -> str:
+    """The one id a client's update in a round may have (also its tensors key): nobody else can claim it."""
+    return derived_id(round_id, "client", client_id, "update")
+
+
 @dataclass(frozen=True, kw_only=True)
 class RoundConfig:
-    """How a round runs; the defaults are FEDn's, except where noted."""
+    """How a round runs; the defaults are FEDn's, except the weight policy (roundlog's own)."""
 
     round_timeout: float = 180.0
     buffer_size: int = -1
@@ -44,6 +49,10 @@ class RoundConfig:
     min_updates: int = 1
     aggregator: str = "fedavg"
     aggregator_kwargs: str = "{}"
+    #: the most examples one update may claim; a larger claim is refused, not clipped
+    max_num_examples: int = 1_000_000_000
+    #: the largest share of a closed round's total weight one update may hold (1.0: no limit)
+    max_weight_share: float = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -24,6 +24,7 @@ from roundlog.domain.events import (
     UpdateReceived,
     UpdateRejected,
     ValidationReceived,
+    update_id_for,
 )
 from roundlog.domain.rules import (
     Branch,
@@ -71,7 +72,6 @@ class Round:
     unusable: dict[str, str] = field(default_factory=dict)
     #: validation or prediction results by client, in log order
     results: dict[str, Result] = field(default_factory=dict)
-    seen_update_ids: set[str] = field(default_factory=set)
     timed_out: bool = False
     aggregated: RoundAggregated | None = None
     fail_reason: str = ""
@@ -109,6 +109,12 @@ class Round:
     def is_terminal(self) -> bool:
         return self.state in TERMINAL
 
+    def overweight_updates(self) -> list[UpdateReceived]:
+        """Usable updates holding more than ``max_weight_share`` of the usable total: left out at close."""
+        usable = self.usable_updates
+        cap = self.config.max_weight_share * sum(u.num_examples for u in usable)
+        return [u for u in usable if u.num_examples > cap]
+
 
 # --- guards -------------------------------------------------------------------------------------
 
@@ -144,9 +150,23 @@ def _assigned(r: Round, e: UpdateReceived | Result) -> Refusal | None:
     return None
 
 
-def _new_update_id(r: Round, e: UpdateReceived) -> Refusal | None:
-    if e.update_id in r.seen_update_ids:
-        return Refusal(Reason.DUPLICATE, f"update {e.update_id} was already received")
+def _own_update_id(r: Round, e: UpdateReceived) -> Refusal | None:
+    """Update ids derive from round and client, so no client can take another's id first."""
+    expected = update_id_for(r.round_id, e.client_id)
+    if e.update_id != expected:
+        return Refusal(
+            Reason.FOREIGN_UPDATE_ID,
+            f"update {e.update_id} from {e.client_id}: its id in this round is {expected}",
+        )
+    return None
+
+
+def _weight_allowed(r: Round, e: UpdateReceived) -> Refusal | None:
+    if e.num_examples > r.config.max_num_examples:
+        return Refusal(
+            Reason.WEIGHT_LIMIT,
+            f"num_examples {e.num_examples} above the session's max_num_examples {r.config.max_num_examples}",
+        )
     return None
 
 
@@ -200,7 +220,6 @@ def _assign(r: Round, e: ClientsAssigned) -> None:
 
 
 def _accept_update(r: Round, e: UpdateReceived) -> None:
-    r.seen_update_ids.add(e.update_id)
     r.accepted[e.update_id] = e
 
 
@@ -296,7 +315,7 @@ ROUND_RULES: tuple[Rule[RoundState], ...] = (
     _receive(
         UpdateReceived,
         Task.TRAINING,
-        (_new_update_id, _first_from_client),
+        (_first_from_client, _own_update_id, _weight_allowed),
         _accept_update,
         _buffer_full,
         "buffer full",

@@ -35,6 +35,11 @@ class Reason(enum.StrEnum):
     UNKNOWN_UPDATE = "unknown_update"
     ALREADY_EXISTS = "already_exists"
     INVALID_CONFIG = "invalid_config"
+    INVALID_FIELD = "invalid_field"
+    INVALID_TENSOR_REF = "invalid_tensor_ref"
+    WEIGHT_LIMIT = "weight_limit"
+    CLOCK_SKEW = "clock_skew"
+    FOREIGN_UPDATE_ID = "foreign_update_id"
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,11 @@ are routed to their round's machine. Either way ``Session.apply`` returns an
 from __future__ import annotations
 
 import enum
-import json
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from roundlog.domain.events import (
     RoundAggregated,
-    RoundConfig,
     RoundEvent,
     RoundRequested,
     SessionEvent,
@@ -25,6 +23,7 @@ from roundlog.domain.events import (
 )
 from roundlog.domain.round import ROUND_TABLE, Round
 from roundlog.domain.rules import Branch, Reason, Refusal, Rule, fire, index
+from roundlog.domain.validation import config_problem
 
 
 class SessionState(enum.StrEnum):
@@ -49,27 +48,6 @@ class Outcome:
     @property
     def changed_state(self) -> bool:
         return self.applied and self.before != self.after
-
-
-def config_problem(config: RoundConfig) -> str | None:
-    """Why a round config cannot run, or None. Checked where the config enters the log."""
-    if config.round_timeout <= 0:
-        return f"round_timeout must be > 0, got {config.round_timeout}"
-    if config.buffer_size == 0 or config.buffer_size < -1:
-        return f"buffer_size must be -1 (all assigned) or >= 1, got {config.buffer_size}"
-    if config.max_clients == 0 or config.max_clients < -1:
-        return f"max_clients must be -1 (all live) or >= 1, got {config.max_clients}"
-    if config.clients_required < 0:
-        return f"clients_required must be >= 0, got {config.clients_required}"
-    if config.min_updates < 1:
-        return f"min_updates must be >= 1, got {config.min_updates}"
-    try:
-        kwargs = json.loads(config.aggregator_kwargs)
-    except ValueError as error:
-        return f"aggregator_kwargs is not JSON: {error}"
-    if not isinstance(kwargs, dict):
-        return "aggregator_kwargs must be a JSON object"
-    return None
 
 
 @dataclass

@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Protocol
 
 from roundlog.aggregation import (
@@ -100,9 +101,11 @@ class LogAggregation:
         self._broken: dict[RoundKey, Closed] = {}
         self._partition_of: dict[RoundKey, int] = {}
 
-    async def apply(self, fold: PartitionFold, offset: int, event: Event) -> Outcome:
+    async def apply(
+        self, fold: PartitionFold, offset: int, event: Event, logged_at: datetime | None
+    ) -> Outcome:
         """Fold one event; an accepted update is folded now, a closed round finalized now."""
-        outcome = fold.apply(offset, event)
+        outcome = fold.apply(offset, event, logged_at)
         if not outcome.applied or outcome.round_id is None:
             return outcome
         session = fold.ledger.sessions.get(getattr(event, "session_id", ""))
@@ -192,10 +195,7 @@ class LogAggregation:
             await self._fold_into(aggregation, update)
         except StreamError as error:
             await self._sink.unusable(session, round_, Unusable(update, error))
-            # The aggregator has no undo: start over from the updates that were good.
-            aggregation.aggregator = aggregation.fresh_aggregator()
-            for good in aggregation.folded:
-                await self._fold_into(aggregation, good)
+            await self._refold(aggregation, aggregation.folded)
         else:
             aggregation.folded.append(update)
         aggregation.fold_seconds += time.perf_counter() - started
@@ -226,6 +226,7 @@ class LogAggregation:
             await self._sink.closed(session, round_, self._broken[_key(round_)])
             return
         started = time.perf_counter()
+        await self._leave_out_overweight(session, round_, aggregation)
         try:
             try:
                 result = aggregation.aggregator.finalize()
@@ -234,8 +235,36 @@ class LogAggregation:
         except NothingToAggregate as error:
             await self._sink.closed(session, round_, Closed(aggregation, None, "no_valid_update", str(error)))
             return
+        except NonFiniteAggregate as error:  # finite updates whose weighted sum overflows float64
+            await self._sink.closed(
+                session, round_, Closed(aggregation, None, "non_finite_aggregate", str(error))
+            )
+            return
         aggregation.fold_seconds += time.perf_counter() - started
         await self._sink.closed(session, round_, Closed(aggregation, result))
+
+    async def _leave_out_overweight(
+        self, session: Session, round_: Round, aggregation: RoundAggregation
+    ) -> None:
+        """The weight-share policy, decided by the closed round's accepted weights alone."""
+        heavy = {u.update_id for u in round_.overweight_updates()}
+        if not heavy & {u.update_id for u in aggregation.folded}:
+            return
+        share = round_.config.max_weight_share
+        for update in aggregation.folded:
+            if update.update_id in heavy:
+                error = StreamError(
+                    "weight_share", f"{update.num_examples} examples are more than {share:g} of the round"
+                )
+                await self._sink.unusable(session, round_, Unusable(update, error))
+        await self._refold(aggregation, [u for u in aggregation.folded if u.update_id not in heavy])
+
+    async def _refold(self, aggregation: RoundAggregation, updates: list[UpdateReceived]) -> None:
+        """The aggregator has no undo: start over from the updates that stay."""
+        aggregation.folded = updates
+        aggregation.aggregator = aggregation.fresh_aggregator()
+        for update in updates:
+            await self._fold_into(aggregation, update)
 
     async def _finalize_without_non_finite(
         self, session: Session, round_: Round, aggregation: RoundAggregation
@@ -250,8 +279,5 @@ class LogAggregation:
                 await self._sink.unusable(session, round_, Unusable(update, error))
             else:
                 kept.append(update)
-        aggregation.folded = kept
-        aggregation.aggregator = aggregation.fresh_aggregator()
-        for update in kept:
-            await self._fold_into(aggregation, update)
+        await self._refold(aggregation, kept)
         return aggregation.aggregator.finalize()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import datetime
 
 from roundlog import observability as obs
 from roundlog.arrays import sha256_of
@@ -112,8 +113,10 @@ class AggregatorRole(FoldingRole):
             TensorReader(self.reader_consumer, self.topics.tensors), EmittingSink(self)
         )
 
-    async def apply(self, fold: PartitionFold, offset: int, event: Event) -> Outcome:
-        return await self.aggregation.apply(fold, offset, event)
+    async def apply(
+        self, fold: PartitionFold, offset: int, event: Event, logged_at: datetime | None
+    ) -> Outcome:
+        return await self.aggregation.apply(fold, offset, event, logged_at)
 
     async def resume(self, fold: PartitionFold) -> None:
         await self.aggregation.resume(fold)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from typing import ClassVar
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
@@ -24,7 +25,7 @@ from roundlog.codec import DecodeError
 from roundlog.config import Settings
 from roundlog.domain.events import Event
 from roundlog.domain.session import Outcome
-from roundlog.roles.stream import Entry, PartitionFold, refold
+from roundlog.roles.stream import Entry, PartitionFold, UnhandledRecord, refold
 
 Batch = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
 
@@ -47,8 +48,10 @@ class FoldingRole(ConsumerRebalanceListener):
 
     # --- hooks ------------------------------------------------------------------------------------
 
-    async def apply(self, fold: PartitionFold, offset: int, event: Event) -> Outcome:
-        return fold.apply(offset, event)
+    async def apply(
+        self, fold: PartitionFold, offset: int, event: Event, logged_at: datetime | None
+    ) -> Outcome:
+        return fold.apply(offset, event, logged_at)
 
     async def after_batch(self) -> None:
         """Called after every poll, with or without records: time passes for the coordinator."""
@@ -74,7 +77,9 @@ class FoldingRole(ConsumerRebalanceListener):
             self.consumer.subscribe([self.topics.events], listener=self)
             async with obs.lag_watch(self.consumer, self.topics.events, self.role):
                 while not stop.is_set():
-                    batch = await self.consumer.getmany(timeout_ms=200, max_records=1000)
+                    polled = self.consumer.getmany(timeout_ms=200, max_records=1000)
+                    # alive through a rebalance, unless one of its callbacks hangs
+                    batch = await obs.beating(self.role, polled, alive=lambda: not self.busy.locked())
                     obs.heartbeat(self.role)
                     if self.failure is not None:
                         raise RuntimeError("re-folding assigned partitions failed") from self.failure
@@ -96,7 +101,11 @@ class FoldingRole(ConsumerRebalanceListener):
                     fold.skip(entry.offset)
                     continue
                 obs.EVENTS.labels(self.role, type(entry.decoded).__name__).inc()
-                outcome = await self.apply(fold, entry.offset, entry.decoded)
+                try:
+                    outcome = await self.apply(fold, entry.offset, entry.decoded, entry.logged_at)
+                except Exception as error:
+                    self.log.critical("stopping: %s", UnhandledRecord(entry, error))
+                    raise UnhandledRecord(entry, error) from error
                 if outcome.refusal is not None:
                     obs.REJECTED.labels(self.role, outcome.refusal.reason).inc()
             await self.consumer.commit({tp: fold.replay_from})

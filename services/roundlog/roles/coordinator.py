@@ -35,9 +35,10 @@ from roundlog.domain.events import (
     Task,
     derived_id,
 )
-from roundlog.domain.ledger import Ledger
+from roundlog.domain.liveness import Liveness
 from roundlog.domain.round import Round, RoundState
 from roundlog.domain.session import Outcome, Session
+from roundlog.domain.validation import event_problem
 from roundlog.roles.base import FoldingRole
 from roundlog.roles.stream import Entry, PartitionFold
 from roundlog.tensors import TensorReader
@@ -46,6 +47,13 @@ log = logging.getLogger("roundlog.coordinator")
 
 #: How long after its last heartbeat a client still counts as live.
 DEFAULT_CLIENT_TTL = timedelta(seconds=10)
+
+
+def _heard_at(entry: Entry) -> datetime:
+    """When a heartbeat was heard: the log's time, never later than now, so a producer-set record
+    timestamp (on brokers that do not append log time) cannot keep a client live for ever."""
+    now = utc_now()
+    return now if entry.logged_at is None else min(entry.logged_at, now)
 
 
 def _ms(moment: datetime) -> datetime:
@@ -60,7 +68,7 @@ class CoordinatorRole(FoldingRole):
         super().__init__(settings)
         self.client_ttl = client_ttl
         self.heartbeat_consumer: Consumer = make_consumer(settings)
-        self.clients = Ledger()
+        self.clients = Liveness()
         #: ids this process has emitted and not yet seen back, so it does not emit them twice
         self.emitted: set[str] = set()
 
@@ -73,9 +81,11 @@ class CoordinatorRole(FoldingRole):
             heartbeats.cancel()
             await self.heartbeat_consumer.stop()
 
-    async def apply(self, fold: PartitionFold, offset: int, event: Event) -> Outcome:
+    async def apply(
+        self, fold: PartitionFold, offset: int, event: Event, logged_at: datetime | None
+    ) -> Outcome:
         self.emitted.discard(event.event_id)
-        return fold.apply(offset, event)
+        return fold.apply(offset, event, logged_at)
 
     async def after_batch(self) -> None:
         await self._act()
@@ -89,8 +99,11 @@ class CoordinatorRole(FoldingRole):
         while not stop.is_set():
             for records in (await self.heartbeat_consumer.getmany(timeout_ms=500)).values():
                 for record in records:
-                    if isinstance(beat := Entry.of(record).decoded, ClientHeartbeat):
-                        self.clients.apply(beat)
+                    entry = Entry.of(record)
+                    if isinstance(beat := entry.decoded, ClientHeartbeat) and not event_problem(
+                        beat, entry.logged_at
+                    ):
+                        self.clients.heard(beat, _heard_at(entry))
 
     # --- what each state calls for ----------------------------------------------------------------
 
@@ -168,7 +181,7 @@ class CoordinatorRole(FoldingRole):
         """Sample up to max_clients live clients of the round's role, or fail the round for too few."""
         ids = {"session_id": session.session_id, "round_id": round_.round_id}
         role = ClientRole.TRAINER if round_.task == Task.TRAINING else ClientRole.VALIDATOR
-        live = self.clients.live_clients(now, self.client_ttl, role)
+        live = self.clients.live(now, self.client_ttl, role)
         config = round_.config
         if len(live) < max(1, config.clients_required):
             return RoundFailed(

@@ -25,16 +25,19 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
+from roundlog import observability as obs
 from roundlog.bus import Topics, make_consumer, make_producer
 from roundlog.codec import DecodeError
 from roundlog.config import Settings
 from roundlog.domain.events import ClientHeartbeat
-from roundlog.domain.session import Outcome
+from roundlog.domain.validation import event_problem
 from roundlog.projections import writer
-from roundlog.projections.rows import BatchRows, Folded, storable
+from roundlog.projections.rows import BatchRows, Folded, Rejection, storable
 from roundlog.roles.stream import Entry, PartitionFold, dead_letter, read_range
 
 log = logging.getLogger("roundlog.projector")
+#: The role's name in ``roundlog serve`` and in liveness.
+ROLE = "projector"
 
 #: Records per batch (one transaction): large enough that per-batch statements are amortised.
 BATCH_RECORDS = 20_000
@@ -70,13 +73,10 @@ def fold_entry(fold: PartitionFold, entry: Entry) -> Folded | None:
         fold.skip(entry.offset)
         return None
     event, payload, text = storable(entry.decoded)
-    if isinstance(event, ClientHeartbeat):
-        fold.skip(entry.offset)
-        return Folded(entry, event, Outcome(), None, payload, text)
     session_id: str | None = getattr(event, "session_id", None)
     # Held before applying: a SessionFinished takes the session out of the ledger.
     before = fold.ledger.sessions.get(session_id) if session_id else None
-    outcome = fold.apply(entry.offset, event)
+    outcome = fold.apply(entry.offset, event, entry.logged_at)
     session = fold.ledger.sessions.get(session_id, before) if session_id else None
     return Folded(entry, event, outcome, session, payload, text)
 
@@ -121,6 +121,16 @@ class Projector:
         self._failures = 0
         self._lock = asyncio.Lock()
         self._writing: asyncio.Task[int] | None = None
+
+    @property
+    def failing(self) -> bool:
+        """True from a failed database round trip until a batch commits again: not alive meanwhile."""
+        return self._failures > 0
+
+    @property
+    def busy(self) -> bool:
+        """True while a batch, a restore or a revocation runs (e.g. in a rebalance callback)."""
+        return self._lock.locked()
 
     async def restore(self, consumer: AIOKafkaConsumer, partitions: Iterable[TopicPartition]) -> None:
         """The assignment path: stored bookmarks, a silent re-fold up to them, a seek to them."""
@@ -279,7 +289,11 @@ class Projector:
             elif isinstance(entry.decoded, DecodeError):
                 rows.undecodable(topic, entry, entry.decoded)
             elif isinstance(event := storable(entry.decoded)[0], ClientHeartbeat):
-                rows.heartbeat(event)
+                refusal = event_problem(event, entry.logged_at)
+                if refusal is None:
+                    rows.heartbeat(event)
+                else:
+                    rows.rejections.append(Rejection(topic, entry, refusal.reason, refusal.detail, event))
             else:
                 rows.misplaced(topic, entry, event)
         rows.snapshot()
@@ -376,14 +390,23 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         consumer.subscribe([topics.events, topics.clients], listener=_Rebalance(projector, consumer))
         log.info("projector: consuming %s and %s as %s", topics.events, topics.clients, projector.name)
 
+        def waiting_alive() -> bool:
+            """Waiting on the group counts as alive unless a callback holds the projector, or it fails."""
+            return not (projector.busy or projector.failing)
+
         async def loop() -> None:
             reported = time.monotonic()
             while True:
-                batch = await consumer.getmany(timeout_ms=500, max_records=BATCH_RECORDS)
+                polled = consumer.getmany(timeout_ms=500, max_records=BATCH_RECORDS)
+                batch = await obs.beating(ROLE, polled, alive=waiting_alive)
                 if batch:
                     await projector.project(consumer, batch)
                 else:
                     await projector.flush(consumer)  # idle: commit the last batch now
+                # A blocked write holds the loop above; a failing one leaves the projector failing.
+                # Either way no beat, so /healthz turns 503 after the stale limit.
+                if not projector.failing:
+                    obs.heartbeat(ROLE)
                 if time.monotonic() - reported > 10:
                     log.info("projector: %d records projected so far", projector.projected)
                     reported = time.monotonic()

@@ -7,8 +7,10 @@ keeps one ``PartitionFold`` per assigned partition and drops it when the partiti
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
@@ -21,6 +23,22 @@ from roundlog.domain.session import Outcome
 #: How many leading bytes of an undecodable record are kept for the rejected_events table.
 HEAD_BYTES = 64
 
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def log_time(timestamp_ms: int | None) -> datetime | None:
+    """A record's timestamp as an aware time: the broker's own where the topic appends log time.
+
+    A timestamp no calendar holds is taken as the epoch, so the events it carries are refused
+    as skewed rather than let through unchecked.
+    """
+    if timestamp_ms is None or timestamp_ms < 0:
+        return None
+    try:
+        return EPOCH + timedelta(milliseconds=timestamp_ms)
+    except OverflowError:
+        return EPOCH
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -31,11 +49,28 @@ class Entry:
     key: bytes | None
     value: bytes
     decoded: Event | DecodeError
+    #: when the log took the record (see ``log_time``)
+    logged_at: datetime | None = None
 
     @classmethod
     def of(cls, record: ConsumerRecord[bytes, bytes]) -> Entry:
         value = record.value or b""
-        return cls(record.partition, record.offset, record.key, value, decode(value))
+        return cls(
+            record.partition, record.offset, record.key, value, decode(value), log_time(record.timestamp)
+        )
+
+
+class UnhandledRecord(RuntimeError):
+    """A record a role failed on for a reason nobody classified: a bug, reported with the record's
+    place so it can be found, rather than retried in a loop."""
+
+    def __init__(self, entry: Entry, error: BaseException) -> None:
+        what = type(entry.decoded).__name__
+        event_id = getattr(entry.decoded, "event_id", "-")
+        super().__init__(
+            f"{type(error).__name__}: {error} while handling {what} {event_id} "
+            f"at partition {entry.partition} offset {entry.offset}"
+        )
 
 
 @dataclass
@@ -48,8 +83,8 @@ class PartitionFold:
     #: offset of each open session's SessionStarted
     session_starts: dict[str, int] = field(default_factory=dict)
 
-    def apply(self, offset: int, event: Event) -> Outcome:
-        outcome = self.ledger.apply(event)
+    def apply(self, offset: int, event: Event, logged_at: datetime | None = None) -> Outcome:
+        outcome = self.ledger.apply(event, logged_at)
         if outcome.applied and isinstance(event, SessionStarted):
             self.session_starts[event.session_id] = offset
         elif outcome.applied and isinstance(event, SessionFinished):
@@ -93,15 +128,32 @@ async def refold(consumer: AIOKafkaConsumer, topic: str, fold: PartitionFold, st
         if isinstance(entry.decoded, DecodeError):
             fold.skip(entry.offset)
         else:
-            fold.apply(entry.offset, entry.decoded)
+            fold.apply(entry.offset, entry.decoded, entry.logged_at)
     fold.next_offset = max(fold.next_offset, stop)
 
 
+#: A refused record up to this size goes to the dead-letter topic whole; a larger one as its
+#: first DEAD_LETTER_PREFIX bytes, so a dead letter always fits the producer's request limit.
+DEAD_LETTER_WHOLE_BYTES = 256 * 1024
+DEAD_LETTER_PREFIX = 4096
+DEAD_LETTER_KEY_BYTES = 1024
+
+
 async def dead_letter(producer: AIOKafkaProducer, topic: str, entry: Entry, reason: str, detail: str) -> None:
-    """Keep a refused record, with why and where it came from, on the dead-letter topic."""
+    """Keep a refused record, with why and where it came from, on the dead-letter topic.
+
+    Any record, however large: the headers always carry its origin, size and sha256, and the
+    value is the record itself or, past DEAD_LETTER_WHOLE_BYTES, a prefix of it.
+    """
+    value = entry.value
+    kept = value if len(value) <= DEAD_LETTER_WHOLE_BYTES else value[:DEAD_LETTER_PREFIX]
     headers = [
-        ("roundlog-reason", reason.encode()),
+        ("roundlog-reason", reason.encode()[:200]),
         ("roundlog-detail", detail.encode()[:1000]),
         ("roundlog-origin", f"{entry.partition}:{entry.offset}".encode()),
+        ("roundlog-size", str(len(value)).encode()),
+        ("roundlog-sha256", hashlib.sha256(value).hexdigest().encode()),
+        ("roundlog-truncated", str(len(kept) < len(value)).lower().encode()),
     ]
-    await producer.send_and_wait(topic, entry.value, key=entry.key, headers=headers)
+    key = entry.key[:DEAD_LETTER_KEY_BYTES] if entry.key is not None else None
+    await producer.send_and_wait(topic, kept, key=key, headers=headers)
