@@ -162,3 +162,15 @@ def test_liveness_follows_the_time_a_heartbeat_was_heard_not_the_time_it_claims(
     live.heard(s.heartbeat("mallory"), at=T0)  # heard earlier (a re-read): changes nothing
     assert live.live(T0 + timedelta(seconds=25), ttl, ClientRole.TRAINER) == ["mallory"]
     assert live.live(T0 + timedelta(seconds=25), ttl, ClientRole.VALIDATOR) == []
+
+
+def test_the_weight_share_policy_leaves_out_the_updates_above_their_share_of_the_closed_round() -> None:
+    s, ledger = Script(config=RoundConfig(round_timeout=60, buffer_size=-1, max_weight_share=0.5)), Ledger()
+    for event in (s.started(), s.requested(max_weight_share=0.5), s.staged(), s.assigned()):
+        assert ledger.apply(event).applied
+    weights = {"a": 10, "b": 10, "c": 30}  # c holds 30/50 = 0.6 of the round, above its 0.5
+    for client, n in weights.items():
+        assert ledger.apply(dataclasses.replace(s.update(client), num_examples=n)).applied
+    round_ = ledger.sessions["s1"].rounds["r1"]
+    assert [u.client_id for u in round_.overweight_updates()] == ["c"]
+    assert dataclasses.replace(round_, config=RoundConfig()).overweight_updates() == []  # 1.0: no cap
