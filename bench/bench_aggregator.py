@@ -45,6 +45,7 @@ from roundlog.domain.events import (
     SessionStarted,
     Task,
     UpdateReceived,
+    update_id_for,
 )
 from roundlog.embedded import stack_settings
 from roundlog.roles.stream import Entry
@@ -139,7 +140,7 @@ async def one_round(settings: Settings, clients: int, megabytes: int, distinct: 
             session_id=sid,
             round_id=rid,
             client_id=name,
-            update_id=str(uuid.uuid4()),
+            update_id=update_id_for(rid, name),
             num_examples=100 + i % 7,
             tensor=blobs[i % distinct],
         )
