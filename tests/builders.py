@@ -102,11 +102,12 @@ class Script:
         )  # type: ignore[arg-type]
 
     def assigned(self, round_id: str = "r1", clients: tuple[str, ...] = ("a", "b", "c")) -> ClientsAssigned:
+        stamp = self._stamp()
         return ClientsAssigned(
-            **self._stamp(),
+            **stamp,
             round_id=round_id,
             client_ids=clients,
-            deadline=T0 + timedelta(hours=1),
+            deadline=stamp["occurred_at"] + timedelta(hours=1),  # type: ignore[operator]
             task=Task.TRAINING,
             model_id="m0",
             model=tensor_ref("m0"),

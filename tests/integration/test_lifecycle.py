@@ -34,6 +34,7 @@ from roundlog.domain.events import (
     Task,
     UpdateReceived,
     ValidationReceived,
+    update_id_for,
 )
 from roundlog.projections.schema import upgrade
 from roundlog.roles import aggregator, coordinator, projector
@@ -111,7 +112,7 @@ class ScriptedClients:
         arrays = [(name, array + 1) for name, array in await reader.arrays(job.model)]
         updates: list[Event] = []
         for who in TRAINING_SCRIPT[self.round_no[job.round_id]]:
-            update_id = str(uuid.uuid4())
+            update_id = update_id_for(job.round_id, who.rstrip("*"))
             ref = await write_tensors(producer, self.topics.tensors, update_id, arrays)
             client = who.rstrip("*")
             updates.append(

@@ -22,6 +22,7 @@ from roundlog.bus import Topics
 from roundlog.config import Settings
 from roundlog.domain.events import (
     ClientRole,
+    ClientsAssigned,
     Event,
     ModelImported,
     RoundAggregated,
@@ -54,7 +55,10 @@ class Clock:
     def at(self, seconds: float, event: Event, **changes: Any) -> Event:
         if isinstance(event, RoundAggregated):
             changes["tensor"] = tensor(event.model_id)
-        return dataclasses.replace(event, occurred_at=self.start + timedelta(seconds=seconds), **changes)  # type: ignore[arg-type]
+        moment = self.start + timedelta(seconds=seconds)
+        if isinstance(event, ClientsAssigned):
+            changes.setdefault("deadline", moment + timedelta(hours=1))
+        return dataclasses.replace(event, occurred_at=moment, **changes)  # type: ignore[arg-type]
 
 
 def by_time(*events: Event) -> list[Event]:
