@@ -21,6 +21,7 @@ from typing import Any
 from roundlog.bus import Topics
 from roundlog.config import Settings
 from roundlog.domain.events import (
+    ArraySpec,
     ClientRole,
     ClientsAssigned,
     Event,
@@ -40,9 +41,16 @@ START = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 
 
 def tensor(key: str, nbytes: int = 1_704_000) -> TensorRef:
-    """A model's reference with a sha256 of its own, so lineage shows distinct hashes."""
+    """A model's reference with a sha256 of its own, so lineage shows distinct hashes: ``nbytes`` of
+    float32 weights in 1 MiB chunks, as a well-formed reference has them."""
+    chunks = -(-nbytes // (1 << 20))
     return dataclasses.replace(
-        tensor_ref(key), sha256=hashlib.sha256(key.encode()).hexdigest(), nbytes=nbytes
+        tensor_ref(key),
+        sha256=hashlib.sha256(key.encode()).hexdigest(),
+        nbytes=nbytes,
+        chunks=chunks,
+        last_offset=chunks - 1,
+        arrays=(ArraySpec(name="w", dtype="<f4", shape=(nbytes // 4,)),),
     )
 
 
