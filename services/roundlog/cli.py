@@ -183,31 +183,6 @@ def _revisions() -> list[str]:
         return [script.revision for script in reversed(list(ScriptDirectory(str(scripts)).walk_revisions()))]
 
 
-def _settings() -> Settings:
-    """``Settings.from_env()`` with both server addresses parsed, so a malformed one is one line."""
-    import sqlalchemy as sa
-    from aiokafka.conn import collect_hosts
-
-    settings = Settings.from_env()
-    try:
-        url = sa.make_url(settings.database_url)
-    except sa.exc.ArgumentError:
-        url = None
-    if url is None or url.drivername != "postgresql+psycopg":
-        shown = "" if url is None else f", not {url.render_as_string()!r}"
-        raise ConfigError(
-            "ROUNDLOG_DATABASE_URL must be a PostgreSQL URL, postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
-            + shown
-        )
-    try:
-        collect_hosts(settings.kafka_bootstrap)
-    except ValueError:
-        raise ConfigError(
-            f"ROUNDLOG_KAFKA_BOOTSTRAP must be host:port[,host:port], not {settings.kafka_bootstrap!r}"
-        ) from None
-    return settings
-
-
 @command(
     "up",
     help="run the embedded broker and PostgreSQL until stopped, printing their addresses "
@@ -238,7 +213,7 @@ def up(args: argparse.Namespace) -> int:
 def topics_create(args: argparse.Namespace) -> int:
     from roundlog.bus import create_topics
 
-    settings = _settings()
+    settings = Settings.from_env()
     for name, created in asyncio.run(create_topics(settings)).items():
         print(f"{'created' if created else 'exists '} {name}")
     return 0
@@ -315,7 +290,7 @@ ROLES = {
 def serve(args: argparse.Namespace) -> int:
     from roundlog import observability
 
-    settings = _settings()
+    settings = Settings.from_env()
     ops = observability.OpsSettings.from_env()
     observability.configure_logging(ops.log_level, json=ops.log_format == "json")
     names = list(ROLES) if "all" in args.role else list(dict.fromkeys(args.role))
@@ -356,7 +331,7 @@ _SCHEMA = arg(
 def db_upgrade(args: argparse.Namespace) -> int:
     from roundlog.projections.schema import current, upgrade
 
-    settings = _settings()
+    settings = Settings.from_env()
     upgrade(settings.database_url, args.schema, args.to)
     print(f"projection tables at revision {current(settings.database_url, args.schema)}")
     return 0
@@ -371,7 +346,7 @@ def db_upgrade(args: argparse.Namespace) -> int:
 def db_downgrade(args: argparse.Namespace) -> int:
     from roundlog.projections.schema import current, downgrade
 
-    settings = _settings()
+    settings = Settings.from_env()
     downgrade(settings.database_url, args.to, args.schema)
     print(f"projection tables at revision {current(settings.database_url, args.schema) or 'base'}")
     return 0
@@ -403,7 +378,7 @@ def replay_command(args: argparse.Namespace) -> int:
 
     from roundlog.replay import replay
 
-    settings = _settings()
+    settings = Settings.from_env()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     console = Console(stderr=True)
     try:
@@ -508,7 +483,7 @@ def model_import(args: argparse.Namespace) -> int:
 
     from roundlog.client import import_model
 
-    settings = _settings()
+    settings = Settings.from_env()
     arrays = _read_npz(args.file)
     name = Path(args.file).name.removesuffix(".npz") if args.name is None else args.name
     model_id, _ = asyncio.run(_producing(settings, lambda p, t: import_model(p, t, arrays, name)))
@@ -533,7 +508,7 @@ def model_export(args: argparse.Namespace) -> int:
     from roundlog.bus import Topics, make_consumer
     from roundlog.tensors import read_tensors
 
-    settings = _settings()
+    settings = Settings.from_env()
     _check_writable(args.file)
     ref = _tensor_ref(_lookup(settings, "models", args.model_id))
 
@@ -667,7 +642,7 @@ def session_start(args: argparse.Namespace) -> int:
     from roundlog.client import start_session
     from roundlog.domain.events import RoundConfig
 
-    settings = _settings()
+    settings = Settings.from_env()
     config = _round_config(args, RoundConfig())
     if args.rounds < 1:
         raise Refused(f"--rounds must be >= 1, not {args.rounds}")
@@ -718,7 +693,7 @@ def round_request(args: argparse.Namespace) -> int:
     from roundlog.client import request_round
     from roundlog.domain.events import RoundConfig, Task
 
-    settings = _settings()
+    settings = Settings.from_env()
     session = _lookup(settings, "sessions", args.session)
     stored = {**session.config, "aggregator_kwargs": json.dumps(session.config["aggregator_kwargs"])}
     config = _round_config(args, RoundConfig(**stored))
@@ -791,7 +766,7 @@ def status(args: argparse.Namespace) -> int:
     import sqlalchemy as sa
     from rich.console import Console
 
-    settings = _settings()
+    settings = Settings.from_env()
     session = None if args.session is None else _lookup(settings, "sessions", args.session)
     engine = sa.create_engine(settings.database_url, poolclass=sa.NullPool)
     try:
@@ -878,7 +853,7 @@ def _print_session(console: Any, session: Any, rounds: Sequence[Any], metrics: S
 def tail(args: argparse.Namespace) -> int:
     from roundlog.bus import Topics, make_consumer, read_from_end
 
-    settings = _settings()
+    settings = Settings.from_env()
     topics = Topics.from_prefix(settings.topic_prefix)
     watched = [topics.events, *([topics.clients] if args.heartbeats else [])]
 

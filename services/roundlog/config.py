@@ -32,6 +32,29 @@ def sqlalchemy_url(url: str) -> str:
     return url
 
 
+def _check_addresses(bootstrap: str, database_url: str) -> None:
+    """Both server addresses must parse, so a malformed one is refused in one line, not deep in a client."""
+    import sqlalchemy as sa
+    from aiokafka.conn import collect_hosts
+
+    try:
+        url = sa.make_url(database_url)
+    except sa.exc.ArgumentError:
+        url = None
+    if url is None or url.drivername != "postgresql+psycopg":
+        shown = "" if url is None else f", not {url.render_as_string()!r}"
+        raise ConfigError(
+            "ROUNDLOG_DATABASE_URL must be a PostgreSQL URL, postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
+            + shown
+        )
+    try:
+        collect_hosts(bootstrap)
+    except ValueError:
+        raise ConfigError(
+            f"ROUNDLOG_KAFKA_BOOTSTRAP must be host:port[,host:port], not {bootstrap!r}"
+        ) from None
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     """Where the broker and the database are, and how roundlog names and sizes its topics."""
@@ -85,6 +108,8 @@ class Settings:
                 f"ROUNDLOG_KAFKA_SECURITY_PROTOCOL must be one of {', '.join(SECURITY_PROTOCOLS)}, "
                 f"not {protocol!r}"
             )
+        database_url = sqlalchemy_url(env["ROUNDLOG_DATABASE_URL"])
+        _check_addresses(env["ROUNDLOG_KAFKA_BOOTSTRAP"], database_url)
         instance_id = get("ROUNDLOG_INSTANCE_ID")
         if instance_id is not None and not INSTANCE_ID.fullmatch(instance_id):
             raise ConfigError(
@@ -93,7 +118,7 @@ class Settings:
             )
         return cls(
             kafka_bootstrap=env["ROUNDLOG_KAFKA_BOOTSTRAP"],
-            database_url=sqlalchemy_url(env["ROUNDLOG_DATABASE_URL"]),
+            database_url=database_url,
             topic_prefix=get("ROUNDLOG_TOPIC_PREFIX") or "roundlog",
             partitions=partitions,
             group_session_timeout_ms=int(timeout_text),

@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from roundlog.arrays import NamedArrays, Reassembler, StreamError, raw_chunks, sha256_of, specs_of
 from roundlog.bus import TENSOR_CHUNK_BYTES
 from roundlog.domain.events import ArraySpec, TensorRef
+from roundlog.domain.validation import tensor_ref_problem
 
 SEQ_HEADER = "roundlog-chunk"
 
@@ -69,8 +70,9 @@ async def read_chunks(consumer: AIOKafkaConsumer, topic: str, ref: TensorRef) ->
     partition that does not exist, offsets past the end, a chunk without its sequence
     header) ends as a StreamError, promptly: nothing else escapes, and nothing waits long.
     """
-    if ref.first_offset < 0:
-        raise StreamError("incomplete", f"tensors of {ref.key}: offset {ref.first_offset}")
+    problem = tensor_ref_problem(ref)  # the fold checked refs from the log; this covers any other
+    if problem is not None:
+        raise StreamError("incomplete", f"tensors of {ref.key}: {problem}")
     tp = TopicPartition(topic, ref.partition)
     if consumer.assignment() != {tp}:
         consumer.assign([tp])

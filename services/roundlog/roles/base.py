@@ -104,8 +104,9 @@ class FoldingRole(ConsumerRebalanceListener):
                 try:
                     outcome = await self.apply(fold, entry.offset, entry.decoded, entry.logged_at)
                 except Exception as error:
-                    self.log.critical("stopping: %s", UnhandledRecord(entry, error))
-                    raise UnhandledRecord(entry, error) from error
+                    unhandled = UnhandledRecord(entry, error)
+                    self.log.critical("stopping: %s", unhandled)
+                    raise unhandled from error
                 if outcome.refusal is not None:
                     obs.REJECTED.labels(self.role, outcome.refusal.reason).inc()
             await self.consumer.commit({tp: fold.replay_from})
