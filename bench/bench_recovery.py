@@ -36,10 +36,9 @@ from typing import Any
 import numpy as np
 import psycopg
 import sqlalchemy as sa
-from aiokafka import TopicPartition
 from machine import describe
 
-from roundlog.bus import Topics, create_topics, make_consumer, make_producer, publish
+from roundlog.bus import Topics, create_topics, make_consumer, make_producer, publish, read_from_end
 from roundlog.client import import_model, start_session
 from roundlog.clock import utc_now
 from roundlog.config import Settings
@@ -88,11 +87,7 @@ class Bench:
         await create_topics(self.settings)
         await self.producer.start()
         await self.watcher.start()
-        # Not bus.read_from_end: on Apache Kafka a group-less consumer's metadata lacks the topic.
-        tps = [TopicPartition(self.topics.events, p) for p in range(self.settings.partitions)]
-        self.watcher.assign(tps)
-        for tp, end in (await self.watcher.end_offsets(tps)).items():
-            self.watcher.seek(tp, end)
+        await read_from_end(self.watcher, self.topics.events)
         if self.role != "projector":
             self.model = await import_model(self.producer, self.topics, arrays(0))
 

@@ -204,10 +204,12 @@ async def publish(producer: AIOKafkaProducer, topics: Topics, events: Iterable[E
 
 async def read_from_end(consumer: Consumer, *topics: str) -> None:
     """Assign every partition of ``topics`` to a group-less consumer, positioned at their true ends."""
-    await consumer.topics()  # metadata of every topic, not only of those assigned so far
+    # Fresh metadata of every topic: the consumer's own holds only the topics it has assigned
+    # (Apache Kafka answers for those alone), and ``topics()`` keeps the partitions to itself.
+    cluster = await consumer._client.fetch_all_metadata()
     tps = []
     for topic in topics:
-        partitions = consumer.partitions_for_topic(topic)
+        partitions = cluster.partitions_for_topic(topic)
         if not partitions:
             raise RuntimeError(f"topic {topic} does not exist: run `roundlog topics create`")
         tps += [TopicPartition(topic, p) for p in sorted(partitions)]
