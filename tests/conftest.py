@@ -7,17 +7,15 @@ prefix and its own database, so tests never see each other's data.
 
 from __future__ import annotations
 
-import dataclasses
-import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-import sqlalchemy as sa
-from aiokafka.admin import AIOKafkaAdminClient
 
-from roundlog.bus import Topics, create_topics
+from roundlog.bus import Topics
 from roundlog.config import Settings
 from roundlog.embedded import stack_settings
+
+from tests.servers import fresh_database, fresh_topics
 
 
 @pytest.fixture(scope="session")
@@ -29,28 +27,12 @@ def stack() -> Iterator[Settings]:
 @pytest.fixture
 async def topics(stack: Settings) -> AsyncIterator[tuple[Settings, Topics]]:
     """Settings with a fresh topic prefix, and its topics created (deleted afterwards)."""
-    settings = dataclasses.replace(stack, topic_prefix=f"test-{uuid.uuid4().hex[:12]}")
-    names = Topics.from_prefix(settings.topic_prefix)
-    await create_topics(settings)
-    yield settings, names
-    admin = AIOKafkaAdminClient(**settings.kafka_client_kwargs())
-    await admin.start()
-    try:
-        await admin.delete_topics(list(names.all()))
-    finally:
-        await admin.close()
+    async with fresh_topics(stack) as created:
+        yield created
 
 
 @pytest.fixture
 def database_url(stack: Settings) -> Iterator[str]:
     """The SQLAlchemy URL of a fresh, empty database on the stack's server (dropped afterwards)."""
-    name = f"test_{uuid.uuid4().hex}"
-    server = sa.create_engine(stack.database_url, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
-    with server.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield sa.make_url(stack.database_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with server.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        server.dispose()
+    with fresh_database(stack) as url:
+        yield url

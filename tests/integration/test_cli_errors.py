@@ -14,18 +14,15 @@ import os
 import socket
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import pytest_asyncio
-import sqlalchemy as sa
 from aiokafka import TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
-from roundlog.bus import Topics, create_topics, make_consumer, make_producer
+from roundlog.bus import Topics, make_consumer, make_producer
 from roundlog.cli import main
 from roundlog.client import import_model, start_session
 from roundlog.config import Settings
@@ -34,6 +31,7 @@ from roundlog.projections.schema import upgrade
 from roundlog.roles import projector
 
 from tests.integration.test_cli_models import projected
+from tests.servers import fresh_database, fresh_topics
 
 
 def closed_port() -> int:
@@ -100,45 +98,27 @@ class Seeded:
 async def seeded_servers(stack: Settings) -> AsyncIterator[Seeded]:
     """Topics and a database of this module's own, holding one model and one running session, as
     the projector wrote them. Made once (it waits for a projector): no test here may change them."""
-    name = f"test_{uuid.uuid4().hex}"
-    server = sa.create_engine(stack.database_url, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
-    with server.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = sa.make_url(stack.database_url).set(database=name).render_as_string(hide_password=False)
-    settings = dataclasses.replace(
-        stack, topic_prefix=f"test-{uuid.uuid4().hex[:12]}", database_url=url, group_session_timeout_ms=2000
-    )
-    names = Topics.from_prefix(settings.topic_prefix)
-    try:
-        upgrade(url)
-        await create_topics(settings)
-        producer = make_producer(settings)
-        await producer.start()
-        try:
-            model_id, ref = await import_model(producer, names, [("w", np.ones(3, np.float32))], "m")
-            session_id = await start_session(
-                producer, names, model_id=model_id, model=ref, rounds=2, config=RoundConfig()
-            )
-        finally:
-            await producer.stop()
-        stop = asyncio.Event()
-        task = asyncio.create_task(projector.run(settings, stop))
-        try:
-            await projected(settings, "SELECT 1 FROM sessions WHERE session_id = :s", s=session_id)
-        finally:
-            stop.set()
-            await task
-        yield Seeded(settings, names, model_id, session_id)
-    finally:
-        admin = AIOKafkaAdminClient(**settings.kafka_client_kwargs())
-        await admin.start()
-        try:
-            await admin.delete_topics(list(names.all()))
-        finally:
-            await admin.close()
-        with server.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        server.dispose()
+    with fresh_database(stack) as url:
+        base = dataclasses.replace(stack, database_url=url, group_session_timeout_ms=2000)
+        async with fresh_topics(base) as (settings, names):
+            upgrade(url)
+            producer = make_producer(settings)
+            await producer.start()
+            try:
+                model_id, ref = await import_model(producer, names, [("w", np.ones(3, np.float32))], "m")
+                session_id = await start_session(
+                    producer, names, model_id=model_id, model=ref, rounds=2, config=RoundConfig()
+                )
+            finally:
+                await producer.stop()
+            stop = asyncio.Event()
+            task = asyncio.create_task(projector.run(settings, stop))
+            try:
+                await projected(settings, "SELECT 1 FROM sessions WHERE session_id = :s", s=session_id)
+            finally:
+                stop.set()
+                await task
+            yield Seeded(settings, names, model_id, session_id)
 
 
 @pytest.fixture
