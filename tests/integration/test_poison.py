@@ -11,10 +11,11 @@ and ``--verify-models`` pass over the whole poisoned log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import math
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 
 import numpy as np
@@ -228,45 +229,69 @@ async def unassigned_poison(
     return expected
 
 
-async def test_poison_records_are_refused_with_a_reason_and_every_role_keeps_running(
-    topics: tuple[Settings, Topics], database_url: str
-) -> None:
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    settings: Settings
+    topics: Topics
+    producer: AIOKafkaProducer
+    model_id: str
+    model: TensorRef
+
+
+@contextlib.asynccontextmanager
+async def running_cluster(
+    topics: tuple[Settings, Topics], database_url: str, **coordinator_env: str
+) -> AsyncIterator[Cluster]:
+    """The three roles as real processes and a stored model; on leaving, the projector has caught up
+    with the whole log and no role has exited."""
     settings = dataclasses.replace(topics[0], database_url=database_url)
-    names = topics[1]
     await asyncio.to_thread(upgrade, database_url)
     roles = [
-        role_process(settings, "coordinator", ROUNDLOG_CLIENT_TTL_S="3"),
+        role_process(settings, "coordinator", **coordinator_env),
         role_process(settings, "aggregator"),
         role_process(settings, "projector"),
     ]
-    stop, answered = asyncio.Event(), []
     try:
         producer = make_producer(settings)
         await producer.start()
-        model_id, ref = await import_model(producer, names, model())
-        unassigned = await unassigned_poison(settings, names, ref, model_id)
-        attacker = asyncio.create_task(mallory(settings, names, stop, answered))
-        # honest clients answer a second later, so each poisoned update is the round's first
-        async with clients(settings, 3, delay=1.0):
-            await asyncio.sleep(1.5)  # heartbeats seen
-            config = RoundConfig(round_timeout=30, buffer_size=3)
-            victim = await start_session(
-                producer, names, model_id=model_id, model=ref, rounds=len(POISONS), config=config
-            )
-            await wait_until_finished(settings, names, {victim}, timeout=240)
-            stop.set()
-            await attacker
-            after = await start_session(
-                producer, names, model_id=model_id, model=ref, rounds=2, config=config
-            )
-            await wait_until_finished(settings, names, {after}, timeout=120)
-        await producer.stop()
-        await caught_up(settings, names)
+        try:
+            model_id, ref = await import_model(producer, topics[1], model())
+            yield Cluster(settings, topics[1], producer, model_id, ref)
+        finally:
+            await producer.stop()
+        await caught_up(settings, topics[1])
         assert [r.poll() for r in roles] == [None, None, None], "a role exited"
     finally:
-        stop.set()
         for process in roles:
             stop_process(process)
+
+
+async def test_poison_records_are_refused_with_a_reason_and_every_role_keeps_running(
+    topics: tuple[Settings, Topics], database_url: str
+) -> None:
+    stop, answered = asyncio.Event(), []
+    async with running_cluster(topics, database_url, ROUNDLOG_CLIENT_TTL_S="3") as cluster:
+        settings, names, producer = cluster.settings, cluster.topics, cluster.producer
+        model_id, ref = cluster.model_id, cluster.model
+        unassigned = await unassigned_poison(settings, names, ref, model_id)
+        attacker = asyncio.create_task(mallory(settings, names, stop, answered))
+        try:
+            # honest clients answer a second later, so each poisoned update is the round's first
+            async with clients(settings, 3, delay=1.0):
+                await asyncio.sleep(1.5)  # heartbeats seen
+                config = RoundConfig(round_timeout=30, buffer_size=3)
+                victim = await start_session(
+                    producer, names, model_id=model_id, model=ref, rounds=len(POISONS), config=config
+                )
+                await wait_until_finished(settings, names, {victim}, timeout=240)
+                stop.set()
+                await attacker
+                after = await start_session(
+                    producer, names, model_id=model_id, model=ref, rounds=2, config=config
+                )
+                await wait_until_finished(settings, names, {after}, timeout=120)
+        finally:
+            stop.set()
 
     url = database_url.replace("postgresql+psycopg://", "postgresql://")
     async with await psycopg.AsyncConnection.connect(url) as conn:
@@ -340,14 +365,9 @@ def fuzz_events(session_id: str, model_id: str) -> list[Event]:
 async def test_arbitrary_events_leave_every_role_running_and_every_record_accounted_for(
     topics: tuple[Settings, Topics], database_url: str
 ) -> None:
-    settings = dataclasses.replace(topics[0], database_url=database_url)
-    names = topics[1]
-    await asyncio.to_thread(upgrade, database_url)
-    roles = [role_process(settings, role) for role in ("coordinator", "aggregator", "projector")]
-    try:
-        producer = make_producer(settings)
-        await producer.start()
-        model_id, ref = await import_model(producer, names, model())
+    async with running_cluster(topics, database_url) as cluster:
+        settings, names, producer = cluster.settings, cluster.topics, cluster.producer
+        model_id, ref = cluster.model_id, cluster.model
         config = RoundConfig(round_timeout=10, buffer_size=-1)
         async with clients(settings, 3):
             await asyncio.sleep(1.5)  # heartbeats seen
@@ -360,12 +380,6 @@ async def test_arbitrary_events_leave_every_role_running_and_every_record_accoun
                 producer, names, model_id=model_id, model=ref, rounds=2, config=config
             )
             await wait_until_finished(settings, names, {after}, timeout=120)
-        await producer.stop()
-        await caught_up(settings, names)
-        assert [r.poll() for r in roles] == [None, None, None], "a role exited"
-    finally:
-        for process in roles:
-            stop_process(process)
 
     url = database_url.replace("postgresql+psycopg://", "postgresql://")
     async with await psycopg.AsyncConnection.connect(url) as conn:
