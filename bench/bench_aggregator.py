@@ -27,23 +27,16 @@ import subprocess
 import sys
 import time
 import uuid
-from datetime import timedelta
 
 import numpy as np
 from machine import describe
+from rounds import collecting_round
 
 from roundlog.bus import Topics, create_topics, make_consumer, make_producer, publish
 from roundlog.clock import utc_now
 from roundlog.config import Settings
 from roundlog.domain.events import (
-    ClientsAssigned,
-    Event,
-    ModelStaged,
     RoundAggregated,
-    RoundConfig,
-    RoundRequested,
-    SessionStarted,
-    Task,
     UpdateReceived,
     update_id_for,
 )
@@ -88,51 +81,9 @@ async def one_round(settings: Settings, clients: int, megabytes: int, distinct: 
         [sys.executable, "-m", "roundlog", "serve", "--role", "aggregator"],
         env={**os.environ, **settings.env()},
     )
-    sid, rid, now = str(uuid.uuid4()), str(uuid.uuid4()), utc_now()
-    config = RoundConfig(buffer_size=-1, round_timeout=3600)
     names = [f"client-{i}" for i in range(clients)]
-    setup: list[Event] = [
-        SessionStarted(
-            event_id=str(uuid.uuid4()),
-            occurred_at=now,
-            session_id=sid,
-            rounds=1,
-            initial_model_id="base",
-            initial_model=base_ref,
-            round_config=config,
-        ),
-        RoundRequested(
-            event_id=str(uuid.uuid4()),
-            occurred_at=now,
-            session_id=sid,
-            round_id=rid,
-            round_no=1,
-            task=Task.TRAINING,
-            model_id="base",
-            config=config,
-        ),
-        ModelStaged(
-            event_id=str(uuid.uuid4()),
-            occurred_at=now,
-            session_id=sid,
-            round_id=rid,
-            model_id="base",
-            sha256=base_ref.sha256,
-            nbytes=base_ref.nbytes,
-        ),
-        ClientsAssigned(
-            event_id=str(uuid.uuid4()),
-            occurred_at=now,
-            session_id=sid,
-            round_id=rid,
-            client_ids=tuple(names),
-            deadline=now + timedelta(hours=1),
-            task=Task.TRAINING,
-            model_id="base",
-            model=base_ref,
-            config=config,
-        ),
-    ]
+    sid, rid, setup = collecting_round("base", base_ref, tuple(names))
+    now = utc_now()
     updates = [
         UpdateReceived(
             event_id=str(uuid.uuid4()),

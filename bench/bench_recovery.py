@@ -30,13 +30,13 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
 from typing import Any
 
 import numpy as np
 import psycopg
 import sqlalchemy as sa
 from machine import describe
+from rounds import collecting_round
 
 from roundlog.bus import Topics, create_topics, make_consumer, make_producer, publish, read_from_end
 from roundlog.client import import_model, start_session
@@ -45,14 +45,9 @@ from roundlog.config import Settings
 from roundlog.domain.events import (
     ClientHeartbeat,
     ClientRole,
-    ClientsAssigned,
-    Event,
-    ModelStaged,
     RoundAggregated,
     RoundConfig,
     RoundRequested,
-    SessionStarted,
-    Task,
     UpdateReceived,
     update_id_for,
 )
@@ -132,49 +127,10 @@ class Bench:
 
     async def round(self, model_id: str, ref: Any) -> str:
         """A training round with two updates in: all the aggregator needs to aggregate it."""
-        sid, rid, now = str(uuid.uuid4()), str(uuid.uuid4()), utc_now()
-        config = RoundConfig(buffer_size=-1, round_timeout=3600)
         clients = ("a", "b")
+        sid, rid, events = collecting_round(model_id, ref, clients)
         ids: dict[str, Any] = {"session_id": sid, "round_id": rid}
-        events: list[Event] = [
-            SessionStarted(
-                event_id=str(uuid.uuid4()),
-                occurred_at=now,
-                session_id=sid,
-                rounds=1,
-                initial_model_id=model_id,
-                initial_model=ref,
-                round_config=config,
-            ),
-            RoundRequested(
-                event_id=str(uuid.uuid4()),
-                occurred_at=now,
-                round_no=1,
-                task=Task.TRAINING,
-                model_id=model_id,
-                config=config,
-                **ids,
-            ),
-            ModelStaged(
-                event_id=str(uuid.uuid4()),
-                occurred_at=now,
-                model_id=model_id,
-                sha256=ref.sha256,
-                nbytes=ref.nbytes,
-                **ids,
-            ),
-            ClientsAssigned(
-                event_id=str(uuid.uuid4()),
-                occurred_at=now,
-                client_ids=clients,
-                deadline=now + timedelta(hours=1),
-                task=Task.TRAINING,
-                model_id=model_id,
-                model=ref,
-                config=config,
-                **ids,
-            ),
-        ]
+        now = utc_now()
         for n, client in enumerate(clients):
             key = update_id_for(rid, client)
             update = await write_tensors(self.producer, self.topics.tensors, key, arrays(n + 1))
