@@ -36,7 +36,7 @@ from roundlog.domain.events import (
     ValidationReceived,
 )
 from roundlog.domain.round import Round, RoundState
-from roundlog.domain.rules import Reason
+from roundlog.domain.rules import Reason, Refusal
 from roundlog.domain.session import Outcome, Session, SessionState
 from roundlog.roles.stream import HEAD_BYTES, Entry
 
@@ -303,6 +303,10 @@ class BatchRows:
                 topic, entry, WRONG_TOPIC, f"{event_type_name(event)} does not belong on {topic}", event
             )
         )
+
+    def refused(self, topic: str, entry: Entry, event: Event, refusal: Refusal) -> None:
+        """A decoded record the rules refuse outside any fold (a heartbeat on the clients topic)."""
+        self.rejections.append(Rejection(topic, entry, refusal.reason.value, refusal.detail, event))
 
     def heartbeat(self, beat: ClientHeartbeat) -> None:
         """Only the latest heartbeat counts, so the clients table needs no fold and survives compaction."""

@@ -32,7 +32,7 @@ from roundlog.config import Settings
 from roundlog.domain.events import ClientHeartbeat
 from roundlog.domain.validation import event_problem
 from roundlog.projections import writer
-from roundlog.projections.rows import BatchRows, Folded, Rejection, storable
+from roundlog.projections.rows import BatchRows, Folded, storable
 from roundlog.roles.stream import Entry, PartitionFold, dead_letter, read_range
 
 log = logging.getLogger("roundlog.projector")
@@ -293,7 +293,7 @@ class Projector:
                 if refusal is None:
                     rows.heartbeat(event)
                 else:
-                    rows.rejections.append(Rejection(topic, entry, refusal.reason, refusal.detail, event))
+                    rows.refused(topic, entry, event, refusal)
             else:
                 rows.misplaced(topic, entry, event)
         rows.snapshot()
