@@ -98,7 +98,8 @@ def event_problem(event: Event, logged_at: datetime | None = None) -> Refusal | 
                 f"occurred_at {event.occurred_at.isoformat()} is more than {MAX_CLOCK_SKEW} after the "
                 f"log's time {logged_at.isoformat()}",
             )
-        _require(bool(event.event_id), "event_id is empty")
+        if not event.event_id:
+            raise Invalid(Reason.INVALID_FIELD, "event_id is empty")
         _check_fields(event)
     except Invalid as invalid:
         return invalid.refusal
@@ -106,11 +107,31 @@ def event_problem(event: Event, logged_at: datetime | None = None) -> Refusal | 
 
 
 def tensor_ref_problem(ref: TensorRef) -> str | None:
-    """Why a TensorRef cannot point at a readable stream of its arrays, or None."""
+    """Why a TensorRef cannot point at a readable stream of its arrays, or None.
+
+    On the hot path (every update): details are only formatted for a reference that fails.
+    """
+    span = ref.last_offset - ref.first_offset + 1
+    if not ref.key:
+        return "empty key"
+    if ref.partition < 0 or not 0 <= ref.first_offset <= ref.last_offset:
+        return f"partition {ref.partition}, offsets {ref.first_offset}..{ref.last_offset}"
+    if not 1 <= ref.chunks <= span:
+        return f"{ref.chunks} chunks in {span} offsets"
+    if _SHA256.fullmatch(ref.sha256) is None:
+        return f"sha256 {ref.sha256[:80]!r} is not 64 hex digits"
+    if len({spec.name for spec in ref.arrays}) != len(ref.arrays):
+        return "array names repeat"
     try:
-        _check_ref(ref, "tensor")
-    except Invalid as invalid:
-        return invalid.refusal.detail
+        declared = declared_nbytes(ref.arrays)
+    except StreamError as error:
+        return error.detail
+    if declared > MAX_TENSOR_BYTES:
+        return f"the arrays hold {declared} bytes, more than {MAX_TENSOR_BYTES}"
+    if ref.nbytes != declared:
+        return f"nbytes {ref.nbytes}, the arrays hold {declared}"
+    if ref.chunks < -(-ref.nbytes // MAX_CHUNK_BYTES):
+        return f"{ref.nbytes} bytes cannot fit {ref.chunks} chunks of at most {MAX_CHUNK_BYTES}"
     return None
 
 
@@ -128,27 +149,9 @@ def _check_config(config: RoundConfig) -> None:
 
 
 def _check_ref(ref: TensorRef, what: str) -> None:
-    def require(ok: bool, detail: str) -> None:
-        _require(ok, f"{what}: {detail}", Reason.INVALID_TENSOR_REF)
-
-    require(bool(ref.key), "empty key")
-    require(ref.partition >= 0, f"partition {ref.partition}")
-    require(0 <= ref.first_offset <= ref.last_offset, f"offsets {ref.first_offset}..{ref.last_offset}")
-    span = ref.last_offset - ref.first_offset + 1
-    require(1 <= ref.chunks <= span, f"{ref.chunks} chunks in {span} offsets")
-    require(_SHA256.fullmatch(ref.sha256) is not None, f"sha256 {ref.sha256[:80]!r} is not 64 hex digits")
-    names = [spec.name for spec in ref.arrays]
-    require(len(set(names)) == len(names), "array names repeat")
-    try:
-        declared = declared_nbytes(ref.arrays)
-    except StreamError as error:
-        raise Invalid(Reason.INVALID_TENSOR_REF, f"{what}: {error.detail}") from None
-    require(declared <= MAX_TENSOR_BYTES, f"the arrays hold {declared} bytes, more than {MAX_TENSOR_BYTES}")
-    require(ref.nbytes == declared, f"nbytes {ref.nbytes}, the arrays hold {declared}")
-    require(
-        ref.chunks >= -(-ref.nbytes // MAX_CHUNK_BYTES),
-        f"{ref.nbytes} bytes cannot fit {ref.chunks} chunks of at most {MAX_CHUNK_BYTES}",
-    )
+    problem = tensor_ref_problem(ref)
+    if problem is not None:
+        raise Invalid(Reason.INVALID_TENSOR_REF, f"{what}: {problem}")
 
 
 def _check_session_started(e: SessionStarted) -> None:
@@ -174,12 +177,10 @@ def _check_clients_assigned(e: ClientsAssigned) -> None:
 
 
 def _check_update(e: UpdateReceived) -> None:
-    _require(bool(e.client_id) and bool(e.update_id), "client_id or update_id is empty")
-    _require(
-        1 <= e.num_examples <= MAX_NUM_EXAMPLES,
-        f"num_examples must be in [1, 2**53], got {e.num_examples}",
-        Reason.WEIGHT_LIMIT,
-    )
+    if not (e.client_id and e.update_id):
+        raise Invalid(Reason.INVALID_FIELD, "client_id or update_id is empty")
+    if not 1 <= e.num_examples <= MAX_NUM_EXAMPLES:
+        raise Invalid(Reason.WEIGHT_LIMIT, f"num_examples must be in [1, 2**53], got {e.num_examples}")
     _check_ref(e.tensor, "tensor")
 
 
@@ -214,12 +215,9 @@ def _check_fields(event: Event) -> None:
             _check_clients_assigned(event)
         case UpdateReceived():
             _check_update(event)
-        case ValidationReceived():
-            _require(
-                0 <= event.num_examples <= MAX_NUM_EXAMPLES,
-                f"num_examples must be in [0, 2**53], got {event.num_examples}",
-                Reason.WEIGHT_LIMIT,
-            )
+        case ValidationReceived() if not 0 <= event.num_examples <= MAX_NUM_EXAMPLES:
+            detail = f"num_examples must be in [0, 2**53], got {event.num_examples}"
+            raise Invalid(Reason.WEIGHT_LIMIT, detail)
         case RoundAggregated():
             _check_aggregated(event)
         case ClientHeartbeat():
