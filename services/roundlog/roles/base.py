@@ -87,7 +87,7 @@ class FoldingRole(ConsumerRebalanceListener):
                         await self._process(batch)
                         await self.after_batch()
         finally:
-            await self.consumer.stop()  # leaves the group, so the partitions move on at once
+            await self.consumer.stop()  # a dynamic member leaves the group: its partitions move on at once
             await self.reader_consumer.stop()
             await self.producer.stop()
 
