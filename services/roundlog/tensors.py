@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 
 import numpy as np
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 from roundlog.arrays import NamedArrays, Reassembler, StreamError, raw_chunks, sha256_of, specs_of
-from roundlog.bus import TENSOR_CHUNK_BYTES
+from roundlog.bus import TENSOR_CHUNK_BYTES, Consumer
 from roundlog.domain.events import ArraySpec, TensorRef
 from roundlog.domain.validation import tensor_ref_problem
 
@@ -56,13 +56,13 @@ async def write_tensors(
 #: How long a reader waits for a chunk the broker should already have (it was written before the
 #: event that points at it) before calling the stream incomplete.
 CHUNK_WAIT_S = 10.0
-#: How long a reader trusts a high watermark at or before a chunk it needs (a new leader's may lag
-#: for a moment) before calling the stream incomplete: a reference past the end fails this fast.
-PAST_END_GRACE_S = 1.0
+#: After this long without a record, the reader asks the broker where the partition ends: a
+#: reference past the end then fails at once, while a slow fetch keeps its CHUNK_WAIT_S.
+PAST_END_CHECK_S = 1.0
 POLL_MS = 250
 
 
-async def read_chunks(consumer: AIOKafkaConsumer, topic: str, ref: TensorRef) -> AsyncIterator[bytes]:
+async def read_chunks(consumer: Consumer, topic: str, ref: TensorRef) -> AsyncIterator[bytes]:
     """Yield the blob's chunks in order; a missing, misplaced or malformed chunk is a StreamError.
 
     ``consumer`` is a group-less consumer this reader may re-assign and seek at will. A
@@ -80,7 +80,7 @@ async def read_chunks(consumer: AIOKafkaConsumer, topic: str, ref: TensorRef) ->
     key = ref.key.encode()
     expected_seq = 0
     position = ref.first_offset
-    waited = 0.0
+    waited, end_checked = 0.0, False
     while position <= ref.last_offset:
         records = (await consumer.getmany(tp, timeout_ms=POLL_MS, max_records=64)).get(tp, [])
         if not records:
@@ -90,12 +90,17 @@ async def read_chunks(consumer: AIOKafkaConsumer, topic: str, ref: TensorRef) ->
                 raise StreamError(
                     "incomplete", f"tensors of {ref.key}: {topic} has no partition {ref.partition}"
                 )
-            highwater = consumer.highwater(tp)
-            past_end = highwater is not None and highwater <= position and waited >= PAST_END_GRACE_S
-            if past_end or waited >= CHUNK_WAIT_S:
-                raise StreamError(
-                    "incomplete", f"tensors of {ref.key}: no record at offset {position} (end: {highwater})"
-                )
+            if waited >= PAST_END_CHECK_S and not end_checked:
+                # The true end (Consumer.end_offsets), not the last fetch's high watermark, which may
+                # predate the chunks: they were acknowledged before the event that points at them.
+                end_checked = True
+                end = (await consumer.end_offsets([tp]))[tp]
+                if end <= position:
+                    raise StreamError(
+                        "incomplete", f"tensors of {ref.key}: offset {position} is past the end ({end})"
+                    )
+            if waited >= CHUNK_WAIT_S:
+                raise StreamError("incomplete", f"tensors of {ref.key}: no record at offset {position}")
             continue
         waited = 0.0
         if records[0].offset < position:  # the consumer reset its position: ours was out of range
@@ -138,7 +143,7 @@ def check_layout(ref: TensorRef, expected: Sequence[ArraySpec]) -> None:
             raise StreamError("dtype_mismatch", f"{got.name} is {got.dtype}, expected {want.dtype}")
 
 
-async def read_tensors(consumer: AIOKafkaConsumer, topic: str, ref: TensorRef) -> NamedArrays:
+async def read_tensors(consumer: Consumer, topic: str, ref: TensorRef) -> NamedArrays:
     """The whole blob as arrays, hash-checked: for export and staging, not for folding."""
     reassembler = Reassembler(ref.arrays)
     try:
@@ -158,7 +163,7 @@ async def read_tensors(consumer: AIOKafkaConsumer, topic: str, ref: TensorRef) -
 class TensorReader:
     """Reads blobs from the tensors topic through one group-less consumer, one blob at a time."""
 
-    def __init__(self, consumer: AIOKafkaConsumer, topic: str) -> None:
+    def __init__(self, consumer: Consumer, topic: str) -> None:
         self._consumer = consumer
         self._topic = topic
 

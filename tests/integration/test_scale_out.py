@@ -78,7 +78,9 @@ async def test_two_of_each_role_share_the_work_and_survive_a_kill(
     applied = [event for event, outcome in folded if outcome.applied]
     finished = [e for e in applied if isinstance(e, SessionFinished)]
     assert all(e.occurred_at > killed_at for e in finished), "the kills came before any session ended"
-    assert {e.session_id for e in finished} == sessions and all(e.succeeded for e in finished)
+    assert {e.session_id for e in finished} == sessions and all(e.succeeded for e in finished), [
+        e.reason for e in finished if not e.succeeded
+    ]
     per_round = Counter((e.session_id, e.round_id) for e in applied if isinstance(e, RoundAggregated))
     assert len(per_round) == SESSIONS * ROUNDS and set(per_round.values()) == {1}
 
