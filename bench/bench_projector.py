@@ -36,7 +36,6 @@ from typing import Any
 
 import psycopg
 import sqlalchemy as sa
-from aiokafka import TopicPartition
 from machine import describe
 
 from roundlog.bus import Topics, create_topics, make_consumer, make_producer
@@ -224,12 +223,7 @@ async def ends(settings: Settings, topics: Topics) -> dict[tuple[str, int], int]
     consumer = make_consumer(settings)
     await consumer.start()
     try:
-        await consumer.topics()
-        tps = [
-            TopicPartition(t, p)
-            for t in (topics.events, topics.clients)
-            for p in consumer.partitions_for_topic(t) or ()
-        ]
+        tps = await consumer.topic_partitions(topics.events, topics.clients)
         found = await consumer.end_offsets(tps)
     finally:
         await consumer.stop()
@@ -297,7 +291,7 @@ async def bench(base: Settings, args: argparse.Namespace) -> None:
         base,
         topic_prefix=prefix,
         database_url=fresh_database(base, "bench_live"),
-        group_session_timeout_ms=2000,
+        group_session_timeout_ms=6000,
     )
     topics = Topics.from_prefix(prefix)
     await create_topics(settings)

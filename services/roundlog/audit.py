@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from aiokafka import TopicPartition
-
 from roundlog.arrays import sha256_of
 from roundlog.bus import Topics, make_consumer
 from roundlog.codec import DecodeError
@@ -79,8 +77,7 @@ async def verify_models(
     await tensor_consumer.start()
     report = AuditReport()
     try:
-        partitions = sorted(log_consumer.partitions_for_topic(topics.events) or ())
-        ends = await log_consumer.end_offsets([TopicPartition(topics.events, p) for p in partitions])
+        ends = await log_consumer.end_offsets(await log_consumer.topic_partitions(topics.events))
         sink = RecordingSink()
         aggregation = LogAggregation(TensorReader(tensor_consumer, topics.tensors), sink)
         for done, (tp, end) in enumerate(sorted(ends.items()), start=1):

@@ -1,9 +1,10 @@
 """Kafka plumbing: topic names, topic creation, and producer/consumer factories.
 
-The factories fix the settings every role must agree on: no idempotence or
-transactions (Tansu has no InitProducerId, and exactly-once comes from
-database-stored offsets and deterministic ids instead), no auto-commit, and
-size limits that carry one tensor chunk plus its key and headers.
+The factories fix the settings every role must agree on: acks=all, idempotent
+producers where the broker has them (``Settings.kafka_idempotence``; Tansu has no
+InitProducerId) but no transactions (exactly-once comes from database-stored
+offsets and deterministic ids instead), no auto-commit, and size limits that
+carry one tensor chunk plus its key and headers.
 """
 
 from __future__ import annotations
@@ -55,7 +56,11 @@ class Topics:
 
 
 def _new_topics(topics: Topics, partitions: int, replication_factor: int) -> list[NewTopic]:
-    size = {"max.message.bytes": str(TOPIC_MAX_MESSAGE_BYTES)}
+    # With acks=all, an event is acknowledged once two replicas hold it (one, unreplicated).
+    size = {
+        "max.message.bytes": str(TOPIC_MAX_MESSAGE_BYTES),
+        "min.insync.replicas": str(min(2, replication_factor)),
+    }
     configs = {
         topics.events: {**_INFINITE_RETENTION, **size},
         topics.tensors: {**_INFINITE_RETENTION, **size},
@@ -102,14 +107,14 @@ def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
     kwargs: dict[str, Any] = {
         **settings.kafka_client_kwargs(),
         "acks": "all",
-        "enable_idempotence": False,
+        "enable_idempotence": settings.kafka_idempotence,
         "max_request_size": MAX_RECORD_BYTES,
         "max_batch_size": MAX_RECORD_BYTES,
         "linger_ms": 5,
         **overrides,
     }
-    if kwargs["enable_idempotence"] or kwargs.get("transactional_id"):
-        raise ValueError("idempotence and transactions are not used: Tansu has no InitProducerId")
+    if kwargs.get("transactional_id"):
+        raise ValueError("transactions are not used: exactly-once comes from stored offsets and event ids")
     return AIOKafkaProducer(**kwargs)
 
 
@@ -125,6 +130,21 @@ class Consumer(AIOKafkaConsumer):
     def __init__(self, *topics: str, probe_kwargs: dict[str, Any], **kwargs: Any) -> None:
         super().__init__(*topics, **kwargs)
         self._probe_kwargs = probe_kwargs
+
+    async def topic_partitions(self, *topics: str) -> list[TopicPartition]:
+        """Every partition of ``topics``, from fresh cluster metadata; a missing topic is an error.
+
+        ``partitions_for_topic`` knows only the topics this consumer has assigned or subscribed
+        (Apache Kafka answers a metadata request for those alone), so it cannot be asked first.
+        """
+        cluster = await self._client.fetch_all_metadata()
+        tps = []
+        for topic in topics:
+            partitions = cluster.partitions_for_topic(topic)
+            if not partitions:
+                raise RuntimeError(f"topic {topic} does not exist: run `roundlog topics create`")
+            tps += [TopicPartition(topic, p) for p in sorted(partitions)]
+        return tps
 
     async def end_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
         reported: dict[TopicPartition, int] = await super().end_offsets(list(partitions))
@@ -204,15 +224,7 @@ async def publish(producer: AIOKafkaProducer, topics: Topics, events: Iterable[E
 
 async def read_from_end(consumer: Consumer, *topics: str) -> None:
     """Assign every partition of ``topics`` to a group-less consumer, positioned at their true ends."""
-    # Fresh metadata of every topic: the consumer's own holds only the topics it has assigned
-    # (Apache Kafka answers for those alone), and ``topics()`` keeps the partitions to itself.
-    cluster = await consumer._client.fetch_all_metadata()
-    tps = []
-    for topic in topics:
-        partitions = cluster.partitions_for_topic(topic)
-        if not partitions:
-            raise RuntimeError(f"topic {topic} does not exist: run `roundlog topics create`")
-        tps += [TopicPartition(topic, p) for p in sorted(partitions)]
+    tps = await consumer.topic_partitions(*topics)
     consumer.assign(tps)
     for tp, end in (await consumer.end_offsets(tps)).items():
         consumer.seek(tp, end)

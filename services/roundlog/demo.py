@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 import uvloop
-from aiokafka import TopicPartition
 from numpy.typing import NDArray
 from rich import box
 from rich.console import Console
@@ -376,11 +375,7 @@ async def _wait_projected(
     roles: Sequence[asyncio.Task[None]],
 ) -> None:
     """Wait until the projector has written everything the log holds now, so SQL tells the whole story."""
-    tps = [
-        TopicPartition(topic, p)
-        for topic in (topics.events, topics.clients)
-        for p in consumer.partitions_for_topic(topic) or ()
-    ]
+    tps = await consumer.topic_partitions(topics.events, topics.clients)
     ends = await consumer.end_offsets(tps)
     query = sa.text("SELECT topic, partition, next_offset FROM projector_offsets WHERE consumer = :consumer")
     async with asyncio.timeout(60):

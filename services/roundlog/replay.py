@@ -150,12 +150,7 @@ async def _project(
     consumer = make_consumer(settings)
     await consumer.start()
     try:
-        await consumer.topics()
-        partitions = [
-            TopicPartition(topic, p)
-            for topic in (topics.events, topics.clients)
-            for p in sorted(consumer.partitions_for_topic(topic) or ())
-        ]
+        partitions = await consumer.topic_partitions(topics.events, topics.clients)
         ends: dict[TopicPartition, int] = await consumer.end_offsets(partitions)
         total = sum(ends.values())
         consumer.assign(partitions)

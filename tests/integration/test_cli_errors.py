@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import pytest_asyncio
-from aiokafka import TopicPartition
 
 from roundlog.bus import Topics, make_consumer, make_producer
 from roundlog.cli import main
@@ -30,6 +29,7 @@ from roundlog.domain.events import RoundConfig
 from roundlog.projections.schema import upgrade
 from roundlog.roles import projector
 
+from tests.integration.harness import GROUP_SESSION_MS
 from tests.integration.test_cli_models import projected
 from tests.servers import fresh_database, fresh_topics
 
@@ -99,7 +99,7 @@ async def seeded_servers(stack: Settings) -> AsyncIterator[Seeded]:
     """Topics and a database of this module's own, holding one model and one running session, as
     the projector wrote them. Made once (it waits for a projector): no test here may change them."""
     with fresh_database(stack) as url:
-        base = dataclasses.replace(stack, database_url=url, group_session_timeout_ms=2000)
+        base = dataclasses.replace(stack, database_url=url, group_session_timeout_ms=GROUP_SESSION_MS)
         async with fresh_topics(base) as (settings, names):
             upgrade(url)
             producer = make_producer(settings)
@@ -134,8 +134,7 @@ async def events_end(settings: Settings, names: Topics) -> int:
     consumer = make_consumer(settings)
     await consumer.start()
     try:
-        partitions = consumer.partitions_for_topic(names.events) or set()
-        ends = await consumer.end_offsets([TopicPartition(names.events, p) for p in partitions])
+        ends = await consumer.end_offsets(await consumer.topic_partitions(names.events))
         return sum(ends.values())
     finally:
         await consumer.stop()

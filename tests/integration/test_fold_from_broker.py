@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from aiokafka import TopicPartition
-
 from roundlog.bus import Topics, make_consumer, make_producer, publish
 from roundlog.config import Settings
 from roundlog.domain.events import Event, Task
@@ -70,9 +68,7 @@ async def test_events_fold_back_from_the_broker_to_the_same_states(topics: tuple
     await consumer.start()
     try:
         from_broker: dict[str, object] = {}
-        partitions = consumer.partitions_for_topic(names.events) or set()
-        assert partitions, "the events topic has partitions"
-        ends = await consumer.end_offsets([TopicPartition(names.events, p) for p in partitions])
+        ends = await consumer.end_offsets(await consumer.topic_partitions(names.events))
         for tp, end in ends.items():
             fold = PartitionFold(tp.partition)
             await refold(consumer, names.events, fold, 0, end)

@@ -15,7 +15,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from aiokafka import TopicPartition
 
 from roundlog.bus import Topics, make_consumer, make_producer
 from roundlog.codec import encode
@@ -37,6 +36,7 @@ from roundlog.replay import replay
 from roundlog.roles.projector import consumer_name, run
 
 from tests.builders import T0, Script, tensor_ref, uid
+from tests.integration.harness import GROUP_SESSION_MS
 
 #: A record as produced: topic, key, value.
 Record = tuple[str, bytes | None, bytes]
@@ -46,7 +46,9 @@ def prepared(topics: tuple[Settings, Topics], database_url: str) -> tuple[Settin
     """Settings on the test's topics and database (migrated), with quick consumer-group moves."""
     settings, names = topics
     upgrade(database_url)
-    return dataclasses.replace(settings, database_url=database_url, group_session_timeout_ms=2000), names
+    return dataclasses.replace(
+        settings, database_url=database_url, group_session_timeout_ms=GROUP_SESSION_MS
+    ), names
 
 
 # --- a realistic stream ------------------------------------------------------------------------
@@ -165,12 +167,7 @@ async def end_offsets(settings: Settings, names: Topics) -> dict[tuple[str, int]
     consumer = make_consumer(settings)
     await consumer.start()
     try:
-        await consumer.topics()
-        partitions = [
-            TopicPartition(topic, p)
-            for topic in (names.events, names.clients)
-            for p in consumer.partitions_for_topic(topic) or ()
-        ]
+        partitions = await consumer.topic_partitions(names.events, names.clients)
         ends = await consumer.end_offsets(partitions)
     finally:
         await consumer.stop()

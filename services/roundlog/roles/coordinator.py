@@ -17,8 +17,6 @@ import os
 import random
 from datetime import datetime, timedelta
 
-from aiokafka import TopicPartition
-
 from roundlog.arrays import StreamError
 from roundlog.bus import Consumer, make_consumer
 from roundlog.clock import utc_now
@@ -92,8 +90,7 @@ class CoordinatorRole(FoldingRole):
 
     async def _follow_heartbeats(self, stop: asyncio.Event) -> None:
         """Keep the last heartbeat of every client; the clients topic is compacted, so read it all."""
-        partitions = self.heartbeat_consumer.partitions_for_topic(self.topics.clients) or set()
-        tps = [TopicPartition(self.topics.clients, p) for p in partitions]
+        tps = await self.heartbeat_consumer.topic_partitions(self.topics.clients)
         self.heartbeat_consumer.assign(tps)
         await self.heartbeat_consumer.seek_to_beginning(*tps)
         while not stop.is_set():
