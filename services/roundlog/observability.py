@@ -14,6 +14,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import sys
 import threading
@@ -371,10 +372,36 @@ class TextFormatter(logging.Formatter):
         return f"{head} {ids}{newline}{rest}"
 
 
+class ClientRepeats(logging.Filter):
+    """Lets one of each kind of Kafka client message through per ``window`` seconds, and says
+    how many it held back. aiokafka logs every failed attempt to reach a broker, hundreds a
+    second per role while one is down, which buries everything else in the log."""
+
+    def __init__(self, window: float = 10.0) -> None:
+        super().__init__()
+        self.window = window
+        #: per (logger, level, message template): when one last got through, and how many since
+        self._seen: dict[tuple[str, int, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("aiokafka"):
+            return True
+        key = (record.name, record.levelno, str(record.msg))
+        shown_at, held = self._seen.get(key, (-math.inf, 0))
+        if record.created - shown_at < self.window:
+            self._seen[key] = (shown_at, held + 1)
+            return False
+        self._seen[key] = (record.created, 0)
+        if held:
+            record.msg = f"{record.msg} [{held} more like it in the last {record.created - shown_at:.0f} s]"
+        return True
+
+
 def configure_logging(level: str | int = "INFO", json: bool = False) -> None:
     """Send every logger's records to stderr as JSON lines (``json=True``) or as text, at ``level``."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json else TextFormatter())
+    handler.addFilter(ClientRepeats())
     logging.basicConfig(level=level, handlers=[handler], force=True)
     # aiokafka logs every assign() at INFO, and the tensor reader assigns once per blob
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.getLogger().level))

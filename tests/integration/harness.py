@@ -7,12 +7,13 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psycopg
-from aiokafka import TopicPartition
 
 from roundlog.bus import Topics, make_consumer
 from roundlog.client import FederatedClient
@@ -24,16 +25,25 @@ from roundlog.domain.session import Outcome
 from roundlog.roles.projector import consumer_name
 from roundlog.roles.stream import read_range
 
-#: Short group sessions, so a killed member's partitions move on within seconds.
-FAST_GROUPS = {"ROUNDLOG_GROUP_SESSION_TIMEOUT_MS": "3000", "ROUNDLOG_METRICS_PORT": "0"}
+#: Short group sessions, so a killed member's partitions move on within seconds: the shortest
+#: Apache Kafka accepts by default (``group.min.session.timeout.ms``).
+GROUP_SESSION_MS = 6000
+FAST_GROUPS = {"ROUNDLOG_GROUP_SESSION_TIMEOUT_MS": str(GROUP_SESSION_MS), "ROUNDLOG_METRICS_PORT": "0"}
 
 
-def role_process(settings: Settings, role: str, **env: str) -> subprocess.Popen[bytes]:
-    """``roundlog serve --role ROLE`` as a real process on the test's topics (and database)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "roundlog", "serve", "--role", role],
-        env={**os.environ, **settings.env(), **FAST_GROUPS, **env},
-    )
+def role_process(
+    settings: Settings, role: str, log: Path | None = None, **env: str
+) -> subprocess.Popen[bytes]:
+    """``roundlog serve --role ROLE`` as a real process on the test's topics (and database);
+    its log lines go to ``log`` (as JSON, one per line) when given, else to the test's stderr."""
+    with contextlib.ExitStack() as files:
+        stderr = files.enter_context(log.open("ab")) if log is not None else None
+        json_log = {"ROUNDLOG_LOG_FORMAT": "json"} if log is not None else {}
+        return subprocess.Popen(
+            [sys.executable, "-m", "roundlog", "serve", "--role", role],
+            env={**os.environ, **settings.env(), **FAST_GROUPS, **json_log, **env},
+            stderr=stderr,
+        )
 
 
 def stop_process(process: subprocess.Popen[bytes]) -> None:
@@ -46,10 +56,12 @@ def model() -> list[tuple[str, np.ndarray[Any, Any]]]:
     return [("w", np.zeros((16, 8), np.float32)), ("b", np.zeros(8, np.float32))]
 
 
-def trainer(k: int) -> Any:
-    """Client k's training: a deterministic step away from the model, weighted by 10 + k examples."""
+def trainer(k: int, seconds: float = 0.0) -> Any:
+    """Client k's training: a deterministic step away from the model, weighted by 10 + k examples,
+    taking ``seconds`` (so a session can be made to last)."""
 
     def train(arrays: Sequence[tuple[str, np.ndarray[Any, Any]]], config: RoundConfig) -> Any:
+        time.sleep(seconds)
         step = [(name, (a + np.float32(0.1 * (k + 1))).astype(a.dtype)) for name, a in arrays]
         return step, 10 + k, {"loss": 1.0 / (k + 1)}
 
@@ -61,12 +73,19 @@ def validator(arrays: Sequence[tuple[str, np.ndarray[Any, Any]]], config: RoundC
 
 
 @contextlib.asynccontextmanager
-async def clients(settings: Settings, count: int, **options: Any) -> AsyncIterator[list[FederatedClient]]:
+async def clients(
+    settings: Settings, count: int, train_seconds: float = 0.0, **options: Any
+) -> AsyncIterator[list[FederatedClient]]:
     """``count`` simulated clients that train and validate, running until the block ends."""
     stop = asyncio.Event()
     fleet = [
         FederatedClient(
-            settings, f"client-{k}", train=trainer(k), validate=validator, heartbeat_every=0.5, **options
+            settings,
+            f"client-{k}",
+            train=trainer(k, train_seconds),
+            validate=validator,
+            heartbeat_every=0.5,
+            **options,
         )
         for k in range(count)
     ]
@@ -83,8 +102,7 @@ async def read_log(settings: Settings, topics: Topics) -> dict[int, list[tuple[i
     consumer = make_consumer(settings)
     await consumer.start()
     try:
-        partitions = consumer.partitions_for_topic(topics.events) or set()
-        ends = await consumer.end_offsets([TopicPartition(topics.events, p) for p in partitions])
+        ends = await consumer.end_offsets(await consumer.topic_partitions(topics.events))
         log: dict[int, list[tuple[int, Event]]] = {}
         for tp, end in ends.items():
             entries = [e async for e in read_range(consumer, topics.events, tp.partition, 0, end)]
@@ -141,8 +159,7 @@ async def caught_up(settings: Settings, topics: Topics) -> None:
     """Wait until the surviving projector has committed every partition's end offset to PostgreSQL."""
     consumer = make_consumer(settings)
     await consumer.start()
-    partitions = consumer.partitions_for_topic(topics.events) or set()
-    ends = await consumer.end_offsets([TopicPartition(topics.events, p) for p in partitions])
+    ends = await consumer.end_offsets(await consumer.topic_partitions(topics.events))
     await consumer.stop()
     url = settings.database_url.replace("postgresql+psycopg://", "postgresql://")
     async with asyncio.timeout(90):

@@ -226,6 +226,25 @@ async def test_a_malformed_server_address_is_one_line(
         await fails(capsys, *argv, words=words)
 
 
+@pytest.mark.parametrize(
+    ("argv", "env", "words"),
+    [
+        # no java or mvn: Apache Kafka cannot run, and nothing is left behind
+        (("up", "--broker", "kafka"), {"PATH": "/nonexistent"}, ("needs java and mvn on PATH",)),
+        (("demo", "--broker", "kafka"), {"PATH": "/nonexistent"}, ("needs java and mvn on PATH",)),
+        (("up", "--brokers", "3"), {}, ("--brokers 3", "--broker kafka")),
+        (("up", "--broker", "kafka", "--brokers", "0"), {}, ("--brokers 0",)),
+    ],
+)
+async def test_a_broker_that_cannot_start_is_one_line(
+    argv: tuple[str, ...], env: dict[str, str], words: tuple[str, ...]
+) -> None:
+    # both servers unset, so `up` would start them
+    await fails_as_process(
+        {"ROUNDLOG_KAFKA_BOOTSTRAP": "", "ROUNDLOG_DATABASE_URL": "", **env}, *argv, words=words
+    )
+
+
 async def test_a_database_url_with_a_password_is_not_echoed(
     nowhere: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

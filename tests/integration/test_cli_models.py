@@ -21,12 +21,16 @@ from roundlog.config import Settings
 from roundlog.projections.schema import upgrade
 from roundlog.roles import projector
 
+from tests.integration.harness import GROUP_SESSION_MS
+
 
 @pytest.fixture
 def shell(topics: tuple[Settings, Topics], database_url: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
     """Fresh topics and projection tables, named in the environment as `roundlog up` would."""
     # a short group session timeout: on Tansu a first join waits about half of it
-    settings = dataclasses.replace(topics[0], database_url=database_url, group_session_timeout_ms=2000)
+    settings = dataclasses.replace(
+        topics[0], database_url=database_url, group_session_timeout_ms=GROUP_SESSION_MS
+    )
     upgrade(database_url)
     for name, value in settings.env().items():
         monkeypatch.setenv(name, value)

@@ -28,6 +28,7 @@ from roundlog.config import Settings
 from roundlog.domain.events import ClientHeartbeat, ClientRole
 from roundlog.projections.writer import libpq_url
 
+from tests.integration.harness import GROUP_SESSION_MS
 from tests.integration.test_observability import free_port, health
 from tests.integration.test_projector import prepared, query
 
@@ -44,7 +45,7 @@ async def serving(settings: Settings, role: str, log: Path) -> AsyncIterator[Cal
         **settings.env(),
         "ROUNDLOG_METRICS_PORT": str(port),
         "ROUNDLOG_HEALTH_STALE_SECONDS": str(STALE),
-        "ROUNDLOG_GROUP_SESSION_TIMEOUT_MS": "3000",
+        "ROUNDLOG_GROUP_SESSION_TIMEOUT_MS": str(GROUP_SESSION_MS),
     }
     with log.open("wb") as out:
         process = subprocess.Popen(

@@ -2,10 +2,10 @@
 
 An assigned client ("mallory") answers each round of a session with one kind of poison
 (bad weights, bad tensor references, malformed chunks, another client's update id), while
-raw records that no one assigned (a 10 MB garbage record, sessions with absurd timeouts, a
-heartbeat from the year 9000) go onto the topics directly. Afterwards every role still runs,
-every bad record is refused with its reason in SQL, a following session succeeds, and replay
-and ``--verify-models`` pass over the whole poisoned log.
+raw records that no one assigned (a 2 MB garbage record, the largest a topic takes,
+sessions with absurd timeouts, a heartbeat from the year 9000) go onto the topics directly.
+Afterwards every role still runs, every bad record is refused with its reason in SQL, a
+following session succeeds, and replay and ``--verify-models`` pass over the whole poisoned log.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from roundlog.audit import verify_models
-from roundlog.bus import Topics, make_consumer, make_producer, publish, read_from_end
+from roundlog.bus import MAX_RECORD_BYTES, Topics, make_consumer, make_producer, publish, read_from_end
 from roundlog.client import import_model, start_session
 from roundlog.clock import utc_now
 from roundlog.codec import decode, encode
@@ -196,12 +196,13 @@ async def unassigned_poison(
     settings: Settings, topics: Topics, ref: TensorRef, model_id: str
 ) -> dict[str, str]:
     """Records nobody asked for, straight onto the topics: each one's event id (or place) and reason."""
-    big = make_producer(settings, max_request_size=12 << 20, max_batch_size=12 << 20)
-    await big.start()
+    producer = make_producer(settings)
+    await producer.start()
     expected = {}
     try:
-        garbage = b"\xc3\x01" + bytes(8) + np.random.default_rng(7).bytes(10 << 20)
-        sent = await big.send_and_wait(topics.events, garbage, key=b"garbage")
+        # as large as the topic's max.message.bytes lets anyone write (Tansu would take more)
+        garbage = b"\xc3\x01" + bytes(8) + np.random.default_rng(7).bytes(MAX_RECORD_BYTES - 4096)
+        sent = await producer.send_and_wait(topics.events, garbage, key=b"garbage")
         expected[f"offset:{sent.partition}:{sent.offset}"] = "unknown_fingerprint"
         for timeout in (1e12, math.nan, math.inf):
             session_id = str(uuid.uuid4())
@@ -214,7 +215,7 @@ async def unassigned_poison(
                 initial_model=ref,
                 round_config=RoundConfig(round_timeout=timeout),
             )
-            await publish(big, topics, [started])
+            await publish(producer, topics, [started])
             expected[started.event_id] = "invalid_config"
         ghost = ClientHeartbeat(
             event_id=str(uuid.uuid4()),
@@ -222,10 +223,10 @@ async def unassigned_poison(
             client_id="ghost",
             roles=(ClientRole.TRAINER,),
         )
-        await publish(big, topics, [ghost])
+        await publish(producer, topics, [ghost])
         expected[ghost.event_id] = "clock_skew"
     finally:
-        await big.stop()
+        await producer.stop()
     return expected
 
 

@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import ClassVar
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError
 from aiokafka.structs import ConsumerRecord
 
 from roundlog import observability as obs
@@ -109,7 +110,22 @@ class FoldingRole(ConsumerRebalanceListener):
                     raise unhandled from error
                 if outcome.refusal is not None:
                     obs.REJECTED.labels(self.role, outcome.refusal.reason).inc()
+            await self._commit_replay_point(tp, fold)
+
+    async def _commit_replay_point(self, tp: TopicPartition, fold: PartitionFold) -> None:
+        """Commit where a re-fold of the partition would start. When the group rebalanced behind
+        our back (its coordinator was away longer than the session timeout), the commit is refused:
+        the partition's next owner re-folds from the previous replay point, which only costs time
+        (folds are deterministic, and what this member emitted meanwhile carries the same ids as
+        what the owner emits), and aiokafka rejoins the group at the next poll."""
+        try:
             await self.consumer.commit({tp: fold.replay_from})
+        except CommitFailedError:
+            self.log.warning(
+                "replay point %d not committed: the group rebalanced; rejoining",
+                fold.replay_from,
+                extra={"partition": tp.partition},
+            )
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
         async with self.busy:
