@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp
 
-.PHONY: venv test lint fmt demo clean
+.PHONY: venv test test-kafka lint fmt demo clean
 
 venv: $(STAMP)
 
@@ -21,6 +21,12 @@ lint: venv
 
 test: lint
 	$(BIN)/pytest -q -p no:cacheprovider
+
+# The same integration tests on a 3-node Apache Kafka cluster (`roundlog up --broker kafka`,
+# which needs java and mvn), then the broker-fault tests, each on a cluster of its own.
+test-kafka: venv
+	ROUNDLOG_TEST_BROKER=kafka $(BIN)/pytest -q -p no:cacheprovider tests/integration
+	ROUNDLOG_TEST_BROKER=kafka $(BIN)/pytest -q -p no:cacheprovider -rP tests/faults
 
 fmt: venv
 	$(BIN)/ruff check --fix .
