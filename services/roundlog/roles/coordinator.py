@@ -17,6 +17,8 @@ import os
 import random
 from datetime import datetime, timedelta
 
+from aiokafka import TopicPartition
+
 from roundlog.arrays import StreamError
 from roundlog.bus import Consumer, make_consumer
 from roundlog.clock import utc_now
@@ -38,7 +40,7 @@ from roundlog.domain.round import Round, RoundState
 from roundlog.domain.session import Outcome, Session
 from roundlog.domain.validation import event_problem
 from roundlog.roles.base import FoldingRole
-from roundlog.roles.stream import Entry, PartitionFold
+from roundlog.roles.stream import Entry, PartitionFold, read_range
 from roundlog.tensors import TensorReader
 
 log = logging.getLogger("roundlog.coordinator")
@@ -72,11 +74,16 @@ class CoordinatorRole(FoldingRole):
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.heartbeat_consumer.start()
-        heartbeats = asyncio.create_task(self._follow_heartbeats(stop))
         try:
-            await super().run(stop)
+            # Every client's last heartbeat is known before any round is assigned: a coordinator
+            # that started (or restarted) a moment ago must not fail a round for too few clients.
+            ends = await self._hear_until_now()
+            heartbeats = asyncio.create_task(self._follow_heartbeats(stop, ends))
+            try:
+                await super().run(stop)
+            finally:
+                heartbeats.cancel()
         finally:
-            heartbeats.cancel()
             await self.heartbeat_consumer.stop()
 
     async def apply(
@@ -88,19 +95,28 @@ class CoordinatorRole(FoldingRole):
     async def after_batch(self) -> None:
         await self._act()
 
-    async def _follow_heartbeats(self, stop: asyncio.Event) -> None:
-        """Keep the last heartbeat of every client; the clients topic is compacted, so read it all."""
+    async def _hear_until_now(self) -> dict[TopicPartition, int]:
+        """Read the clients topic (compacted: every client's last heartbeat) up to its end as of now."""
         tps = await self.heartbeat_consumer.topic_partitions(self.topics.clients)
-        self.heartbeat_consumer.assign(tps)
-        await self.heartbeat_consumer.seek_to_beginning(*tps)
+        ends = await self.heartbeat_consumer.end_offsets(tps)
+        for tp, end in ends.items():
+            async for entry in read_range(self.heartbeat_consumer, tp.topic, tp.partition, 0, end):
+                self._hear(entry)
+        return ends
+
+    async def _follow_heartbeats(self, stop: asyncio.Event, ends: dict[TopicPartition, int]) -> None:
+        """Keep hearing heartbeats from where ``_hear_until_now`` stopped."""
+        self.heartbeat_consumer.assign(list(ends))
+        for tp, end in ends.items():
+            self.heartbeat_consumer.seek(tp, end)
         while not stop.is_set():
             for records in (await self.heartbeat_consumer.getmany(timeout_ms=500)).values():
                 for record in records:
-                    entry = Entry.of(record)
-                    if isinstance(beat := entry.decoded, ClientHeartbeat) and not event_problem(
-                        beat, entry.logged_at
-                    ):
-                        self.clients.heard(beat, _heard_at(entry))
+                    self._hear(Entry.of(record))
+
+    def _hear(self, entry: Entry) -> None:
+        if isinstance(beat := entry.decoded, ClientHeartbeat) and not event_problem(beat, entry.logged_at):
+            self.clients.heard(beat, _heard_at(entry))
 
     # --- what each state calls for ----------------------------------------------------------------
 
