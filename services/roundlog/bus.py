@@ -55,6 +55,12 @@ class Topics:
         return (self.events, self.tensors, self.clients, self.deadletter)
 
 
+#: The broker stamps each record with its own clock: the time the fold compares ``occurred_at``
+#: with (clock skew) and hears heartbeats at is then not the producer's to choose. Apache Kafka
+#: honours it; Tansu keeps the producer's timestamp.
+_BROKER_TIME = {"message.timestamp.type": "LogAppendTime"}
+
+
 def _new_topics(topics: Topics, partitions: int, replication_factor: int) -> list[NewTopic]:
     # With acks=all, an event is acknowledged once two replicas hold it (one, unreplicated).
     size = {
@@ -62,10 +68,10 @@ def _new_topics(topics: Topics, partitions: int, replication_factor: int) -> lis
         "min.insync.replicas": str(min(2, replication_factor)),
     }
     configs = {
-        topics.events: {**_INFINITE_RETENTION, **size},
+        topics.events: {**_INFINITE_RETENTION, **_BROKER_TIME, **size},
         topics.tensors: {**_INFINITE_RETENTION, **size},
-        topics.clients: {"cleanup.policy": "compact", **size},
-        topics.deadletter: {**_INFINITE_RETENTION, **size},
+        topics.clients: {"cleanup.policy": "compact", **_BROKER_TIME, **size},
+        topics.deadletter: {**_INFINITE_RETENTION, **_BROKER_TIME, **size},
     }
     return [
         NewTopic(name, partitions, replication_factor, topic_configs=config)

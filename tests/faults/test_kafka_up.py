@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import signal
 
-from aiokafka.admin import AIOKafkaAdminClient, ConfigResource, ConfigResourceType
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from roundlog.bus import Topics
 from roundlog.config import Settings
@@ -48,6 +49,7 @@ async def test_three_nodes_answer_replicate_everything_and_go_away_on_sigterm() 
         assert brokers == 3
         assert replicas and all(nodes == {1, 2, 3} for nodes in replicas.values()), replicas
         assert configs["min.insync.replicas"] == "2"
+        assert configs["message.timestamp.type"] == "LogAppendTime"
         assert select_one(settings.database_url) == 1
         folder, postgres = postgres_processes(settings.database_url)
         pids = [*children(proc.pid), *postgres]
