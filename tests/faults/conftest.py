@@ -9,9 +9,17 @@ import pytest
 
 from roundlog.bus import Topics
 from roundlog.config import Settings
-from roundlog.embedded import EmbeddedStack
+from roundlog.embedded import EmbeddedStack, stack_settings
 
 from tests.servers import fresh_topics
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Settings]:
+    """The shared servers, for their PostgreSQL only: the embedded stack's single-binary broker
+    goes unused, which spares a second Kafka cluster beside each test's own."""
+    with stack_settings() as settings:
+        yield settings
 
 
 @pytest.fixture

@@ -207,7 +207,7 @@ async def test_topics_create_twice_is_a_noop_the_second_time(
         await admin.close()
 
 
-def test_wheel_ships_schemas_and_migrations(tmp_path: Path) -> None:
+def test_wheel_ships_schemas_migrations_and_the_kafka_pom(tmp_path: Path) -> None:
     """Build from a clean copy (no stale build/), with a probe migration version in a plain folder."""
     src = tmp_path / "src"
     shutil.copytree(
@@ -243,11 +243,12 @@ def test_wheel_ships_schemas_and_migrations(tmp_path: Path) -> None:
 
     data = {
         f"roundlog/{path.relative_to(package).as_posix()}"
-        for folder in ("schemas", "migrations")
+        for folder in ("schemas", "migrations", "kafka")
         for path in (package / folder).rglob("*")
         if path.is_file()
     }
     assert any(name.endswith(".avsc") for name in data)
     assert any(name.startswith("roundlog/schemas/history/") for name in data)
+    assert "roundlog/kafka/pom.xml" in data  # `roundlog up --broker kafka` from an installed wheel
     assert data - shipped == set()
     assert "roundlog = roundlog.cli:main" in entry_points

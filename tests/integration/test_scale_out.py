@@ -49,7 +49,8 @@ async def test_two_of_each_role_share_the_work_and_survive_a_kill(
         "projector": [role_process(settings, "projector") for _ in range(2)],
     }
     try:
-        async with clients(settings, 4):
+        # training takes a while, so every session is still running when the kills come
+        async with clients(settings, 4, train_seconds=1.0):
             producer = make_producer(settings)
             await producer.start()
             model_id, ref = await import_model(producer, names, model())
