@@ -164,6 +164,15 @@ def test_liveness_follows_the_time_a_heartbeat_was_heard_not_the_time_it_claims(
     assert live.live(T0 + timedelta(seconds=25), ttl, ClientRole.VALIDATOR) == []
 
 
+def test_a_heartbeat_heard_while_the_coordinator_decides_counts() -> None:
+    """The coordinator takes ``now``, then awaits its emits; every heartbeat it hears meanwhile is
+    later than that ``now`` and must not make its client look absent (a round failed for too few
+    clients when all four clients' last heartbeats came in during one such pass)."""
+    s, live = Script(), Liveness()
+    live.heard(s.heartbeat("alice"), at=T0 + timedelta(milliseconds=300))
+    assert live.live(T0, timedelta(seconds=10), ClientRole.TRAINER) == ["alice"]
+
+
 def test_the_weight_share_policy_leaves_out_the_updates_above_their_share_of_the_closed_round() -> None:
     s, ledger = Script(config=RoundConfig(round_timeout=60, buffer_size=-1, max_weight_share=0.5)), Ledger()
     for event in (s.started(), s.requested(max_weight_share=0.5), s.staged(), s.assigned()):

@@ -31,9 +31,13 @@ class Liveness:
             self.last_heard[beat.client_id] = Heard(beat.roles, at)
 
     def live(self, now: datetime, ttl: timedelta, role: ClientRole) -> list[str]:
-        """Clients in ``role`` heard within ``ttl`` before ``now``, sorted: sampling is reproducible."""
+        """Clients in ``role`` heard within ``ttl`` before ``now``, sorted: sampling is reproducible.
+
+        One heard after ``now`` is live too: the coordinator keeps hearing heartbeats while it
+        decides with a ``now`` taken a moment before (``at`` is a trusted time, never a claim).
+        """
         return sorted(
             client_id
             for client_id, heard in self.last_heard.items()
-            if role in heard.roles and timedelta(0) <= now - heard.at <= ttl
+            if role in heard.roles and now - heard.at <= ttl
         )

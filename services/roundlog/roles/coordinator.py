@@ -69,6 +69,7 @@ class CoordinatorRole(FoldingRole):
         self.client_ttl = client_ttl
         self.heartbeat_consumer: Consumer = make_consumer(settings)
         self.clients = Liveness()
+        self.hearing: asyncio.Task[None] | None = None
         #: ids this process has emitted and not yet seen back, so it does not emit them twice
         self.emitted: set[str] = set()
 
@@ -78,11 +79,12 @@ class CoordinatorRole(FoldingRole):
             # Every client's last heartbeat is known before any round is assigned: a coordinator
             # that started (or restarted) a moment ago must not fail a round for too few clients.
             ends = await self._hear_until_now()
-            heartbeats = asyncio.create_task(self._follow_heartbeats(stop, ends))
+            self.hearing = asyncio.create_task(self._follow_heartbeats(ends))
             try:
                 await super().run(stop)
             finally:
-                heartbeats.cancel()
+                self.hearing.cancel()
+                await asyncio.gather(self.hearing, return_exceptions=True)  # its consumer stops next
         finally:
             await self.heartbeat_consumer.stop()
 
@@ -93,6 +95,9 @@ class CoordinatorRole(FoldingRole):
         return fold.apply(offset, event, logged_at)
 
     async def after_batch(self) -> None:
+        if self.hearing is not None and self.hearing.done():
+            self.hearing.result()  # it only ends by failing: deaf, every client would look absent
+            raise RuntimeError("the heartbeat follower stopped")
         await self._act()
 
     async def _hear_until_now(self) -> dict[TopicPartition, int]:
@@ -104,12 +109,12 @@ class CoordinatorRole(FoldingRole):
                 self._hear(entry)
         return ends
 
-    async def _follow_heartbeats(self, stop: asyncio.Event, ends: dict[TopicPartition, int]) -> None:
-        """Keep hearing heartbeats from where ``_hear_until_now`` stopped."""
+    async def _follow_heartbeats(self, ends: dict[TopicPartition, int]) -> None:
+        """Keep hearing heartbeats from where ``_hear_until_now`` stopped, until cancelled."""
         self.heartbeat_consumer.assign(list(ends))
         for tp, end in ends.items():
             self.heartbeat_consumer.seek(tp, end)
-        while not stop.is_set():
+        while True:
             for records in (await self.heartbeat_consumer.getmany(timeout_ms=500)).values():
                 for record in records:
                     self._hear(Entry.of(record))
