@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import numpy as np
 from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from roundlog.arrays import NamedArrays, Reassembler, StreamError, raw_chunks, sha256_of, specs_of
 from roundlog.bus import TENSOR_CHUNK_BYTES, Consumer
@@ -56,9 +57,12 @@ async def write_tensors(
 #: How long a reader waits for a chunk the broker should already have (it was written before the
 #: event that points at it) before calling the stream incomplete.
 CHUNK_WAIT_S = 10.0
-#: After this long without a record, the reader asks the broker where the partition ends: a
-#: reference past the end then fails at once, while a slow fetch keeps its CHUNK_WAIT_S.
-PAST_END_CHECK_S = 1.0
+#: After these waits without a record, the reader asks the broker where the partition ends. A
+#: reference is past the end only when every answer says so: a partition whose leader just
+#: moved may report its end short for a moment (the new leader's high watermark catches up at
+#: its followers' next fetch), and chunks acknowledged by the in-sync replicas are never lost.
+#: Once an answer shows the chunks are there, a slow fetch keeps its CHUNK_WAIT_S.
+PAST_END_CHECKS_S = (1.0, 3.0)
 POLL_MS = 250
 
 
@@ -80,7 +84,7 @@ async def read_chunks(consumer: Consumer, topic: str, ref: TensorRef) -> AsyncIt
     key = ref.key.encode()
     expected_seq = 0
     position = ref.first_offset
-    waited, end_checked = 0.0, False
+    waited, checks = 0.0, list(PAST_END_CHECKS_S)
     while position <= ref.last_offset:
         records = (await consumer.getmany(tp, timeout_ms=POLL_MS, max_records=64)).get(tp, [])
         if not records:
@@ -90,12 +94,14 @@ async def read_chunks(consumer: Consumer, topic: str, ref: TensorRef) -> AsyncIt
                 raise StreamError(
                     "incomplete", f"tensors of {ref.key}: {topic} has no partition {ref.partition}"
                 )
-            if waited >= PAST_END_CHECK_S and not end_checked:
+            if checks and waited >= checks[0]:
                 # The true end (Consumer.end_offsets), not the last fetch's high watermark, which may
                 # predate the chunks: they were acknowledged before the event that points at them.
-                end_checked = True
-                end = (await consumer.end_offsets([tp]))[tp]
-                if end <= position:
+                checks.pop(0)
+                end = await _end_offset(consumer, tp)
+                if end is not None and end > position:
+                    checks.clear()  # the chunks are there: wait for them
+                elif end is not None and not checks:
                     raise StreamError(
                         "incomplete", f"tensors of {ref.key}: offset {position} is past the end ({end})"
                     )
@@ -122,6 +128,14 @@ async def read_chunks(consumer: Consumer, topic: str, ref: TensorRef) -> AsyncIt
             yield record.value
     if expected_seq != ref.chunks:
         raise StreamError("incomplete", f"tensors of {ref.key}: {expected_seq} of {ref.chunks} chunks found")
+
+
+async def _end_offset(consumer: Consumer, tp: TopicPartition) -> int | None:
+    """The partition's end, or None while the broker cannot say (its leader is moving)."""
+    try:
+        return (await consumer.end_offsets([tp]))[tp]
+    except KafkaError:
+        return None
 
 
 def _sequence_number(headers: Sequence[tuple[str, bytes]]) -> int | None:

@@ -36,6 +36,7 @@ from roundlog.domain.events import (
     Event,
     RoundAggregated,
     RoundConfig,
+    RoundFailed,
     SessionFinished,
     UpdateReceived,
 )
@@ -314,7 +315,7 @@ async def test_sessions_survive(
     applied = [event for event, outcome in fold_log(await read_log(settings, names)) if outcome.applied]
     finished = [e for e in applied if isinstance(e, SessionFinished)]
     assert {e.session_id for e in finished} == sessions and all(e.succeeded for e in finished), [
-        e.reason for e in finished if not e.succeeded
+        f"{e.reason} ({e.detail})" for e in applied if isinstance(e, RoundFailed)
     ]
     assert all(e.occurred_at.timestamp() > done.started for e in finished), "a session ended before the fault"
     aggregated = [e for e in applied if isinstance(e, RoundAggregated)]
