@@ -20,12 +20,6 @@ SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 INSTANCE_ID = re.compile(r"[A-Za-z0-9._-]{1,200}")
 
 
-#: How long a Kafka request may go unanswered before the client drops the connection and retries
-#: where the metadata now points. aiokafka's 40 s would hold every send and fetch to a broker that
-#: hangs (paused, cut off) that long, though the cluster fences it after 9 s and moves its leaders.
-KAFKA_REQUEST_TIMEOUT_MS = 10_000
-
-
 class ConfigError(ValueError):
     """A ``ROUNDLOG_*`` variable is missing or malformed."""
 
@@ -166,7 +160,6 @@ class Settings:
         kwargs: dict[str, Any] = {
             "bootstrap_servers": self.kafka_bootstrap,
             "security_protocol": self.kafka_security_protocol,
-            "request_timeout_ms": KAFKA_REQUEST_TIMEOUT_MS,
         }
         if self.kafka_security_protocol.startswith("SASL_"):
             kwargs["sasl_mechanism"] = self.kafka_sasl_mechanism or "PLAIN"
