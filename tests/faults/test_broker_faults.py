@@ -27,15 +27,13 @@ import sqlalchemy as sa
 from aiokafka.admin import AIOKafkaAdminClient
 
 from roundlog.audit import verify_models
-from roundlog.bus import Consumer, Topics, make_consumer, make_producer
-from roundlog.client import import_model, start_session
+from roundlog.bus import Consumer, Topics, make_consumer
 from roundlog.codec import DecodeError, decode
 from roundlog.config import Settings
 from roundlog.domain.events import (
     ClientsAssigned,
     Event,
     RoundAggregated,
-    RoundConfig,
     RoundFailed,
     SessionFinished,
     UpdateReceived,
@@ -51,6 +49,7 @@ from tests.integration.harness import (
     fold_log,
     read_log,
     role_process,
+    start_sessions,
     stop_process,
     wait_until_finished,
 )
@@ -166,15 +165,16 @@ async def fully_replicated(settings: Settings, topics: Topics, timeout: float = 
             await asyncio.sleep(0.5)
 
 
-async def _mid_session(ctx: Context) -> int:
-    """Wait until some session's first round is aggregated; the position in the log after it."""
-    await ctx.log.first(lambda e: isinstance(e, RoundAggregated))
-    return len(ctx.log.seen)
+async def _mid_session(ctx: Context) -> tuple[int, int]:
+    """Wait until some session's first round is aggregated: its events partition, and the position
+    in the log after it."""
+    partition, _ = await ctx.log.first(lambda e: isinstance(e, RoundAggregated))
+    return partition, len(ctx.log.seen)
 
 
 async def kill_the_events_leader(ctx: Context) -> Fault:
-    partition, _ = await ctx.log.first(lambda e: isinstance(e, RoundAggregated))
-    await ctx.log.first(lambda e: isinstance(e, ClientsAssigned), after=await _mid_session(ctx))
+    partition, after = await _mid_session(ctx)
+    await ctx.log.first(lambda e: isinstance(e, ClientsAssigned), after=after)
     node = await leader_of(ctx.settings, ctx.topics.events, partition)
     started = time.time()
     ctx.cluster.signal(node, signal.SIGKILL)
@@ -184,7 +184,7 @@ async def kill_the_events_leader(ctx: Context) -> Fault:
 
 
 async def kill_while_tensors_stream(ctx: Context) -> Fault:
-    after = await _mid_session(ctx)
+    _, after = await _mid_session(ctx)
     _, update = await ctx.log.first(lambda e: isinstance(e, UpdateReceived), after=after)
     assert isinstance(update, UpdateReceived)
     node = await leader_of(ctx.settings, ctx.topics.tensors, update.tensor.partition)
@@ -286,17 +286,10 @@ async def test_sessions_survive(
     await watcher.start()
     try:
         async with clients(settings, CLIENTS, train_seconds=0.5):
-            producer = make_producer(settings)
-            await producer.start()
-            model_id, ref = await import_model(producer, names, [("w", np.zeros(MODEL_FLOATS, np.float32))])
-            config = RoundConfig(round_timeout=120, buffer_size=-1)
-            sessions = {
-                await start_session(
-                    producer, names, model_id=model_id, model=ref, rounds=ROUNDS, config=config
-                )
-                for _ in range(SESSIONS)
-            }
-            await producer.stop()
+            big = [("w", np.zeros(MODEL_FLOATS, np.float32))]
+            sessions = set(
+                await start_sessions(settings, names, SESSIONS, rounds=ROUNDS, round_timeout=120, arrays=big)
+            )
             done = await fault(Context(cluster, settings, names, watcher))
             await finished_while_roles_run(
                 settings, names, sessions, dict(zip(ROLES, roles, strict=True)), logs

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from roundlog.bus import Topics, make_consumer
-from roundlog.client import FederatedClient
+from roundlog.bus import Topics, make_consumer, make_producer
+from roundlog.client import FederatedClient, import_model, start_session
 from roundlog.codec import DecodeError, decode
 from roundlog.config import Settings
 from roundlog.domain.events import Event, RoundAggregated, RoundConfig, SessionFinished
@@ -95,6 +95,33 @@ async def clients(
     finally:
         stop.set()
         await asyncio.gather(*tasks)
+
+
+async def start_sessions(
+    settings: Settings,
+    topics: Topics,
+    count: int,
+    *,
+    rounds: int,
+    round_timeout: float,
+    arrays: Sequence[tuple[str, np.ndarray[Any, Any]]] | None = None,
+    **options: Any,
+) -> list[str]:
+    """Import ``arrays`` (``model()`` by default) and start ``count`` sessions of ``rounds`` rounds on
+    it, each round waiting for every assigned client for up to ``round_timeout`` seconds."""
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        model_id, ref = await import_model(producer, topics, model() if arrays is None else arrays)
+        config = RoundConfig(round_timeout=round_timeout, buffer_size=-1)
+        return [
+            await start_session(
+                producer, topics, model_id=model_id, model=ref, rounds=rounds, config=config, **options
+            )
+            for _ in range(count)
+        ]
+    finally:
+        await producer.stop()
 
 
 async def read_log(settings: Settings, topics: Topics) -> dict[int, list[tuple[int, Event]]]:

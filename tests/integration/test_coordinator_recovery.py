@@ -7,17 +7,16 @@ import random
 import signal
 from collections import Counter
 
-from roundlog.bus import Topics, make_producer
-from roundlog.client import import_model, start_session
+from roundlog.bus import Topics
 from roundlog.config import Settings
-from roundlog.domain.events import RoundAggregated, RoundConfig, RoundRequested, SessionFinished, Task
+from roundlog.domain.events import RoundAggregated, RoundRequested, SessionFinished, Task
 
 from tests.integration.harness import (
     clients,
     fold_log,
-    model,
     read_log,
     role_process,
+    start_sessions,
     stop_process,
     wait_until_finished,
 )
@@ -34,20 +33,9 @@ async def test_a_killed_coordinator_resumes_and_each_round_takes_effect_once(
     kills = 0
     try:
         async with clients(settings, 3):
-            producer = make_producer(settings)
-            await producer.start()
-            model_id, ref = await import_model(producer, names, model())
-            config = RoundConfig(round_timeout=30, buffer_size=-1)
-            session = await start_session(
-                producer,
-                names,
-                model_id=model_id,
-                model=ref,
-                rounds=ROUNDS,
-                config=config,
-                validate_each_round=True,
+            [session] = await start_sessions(
+                settings, names, 1, rounds=ROUNDS, round_timeout=30, validate_each_round=True
             )
-            await producer.stop()
 
             async def kill_now_and_then() -> None:
                 nonlocal coordinator, kills

@@ -12,10 +12,9 @@ from collections import Counter
 
 import pytest
 
-from roundlog.bus import Topics, group_instance_id, make_producer
-from roundlog.client import import_model, start_session
+from roundlog.bus import Topics, group_instance_id
 from roundlog.config import ConfigError, Settings
-from roundlog.domain.events import RoundAggregated, RoundConfig, SessionFinished
+from roundlog.domain.events import RoundAggregated, SessionFinished
 from roundlog.projections.schema import upgrade
 from roundlog.replay import replay
 
@@ -24,9 +23,9 @@ from tests.integration.harness import (
     clients,
     first_aggregate,
     fold_log,
-    model,
     read_log,
     role_process,
+    start_sessions,
     stop_process,
     wait_until_finished,
 )
@@ -70,14 +69,7 @@ async def test_every_role_killed_and_restarted_under_its_instance_id_resumes(
     roles = {role: start(role) for role in ROLES}
     try:
         async with clients(settings, 3):
-            producer = make_producer(settings)
-            await producer.start()
-            model_id, ref = await import_model(producer, names, model())
-            config = RoundConfig(round_timeout=60, buffer_size=-1)
-            session = await start_session(
-                producer, names, model_id=model_id, model=ref, rounds=ROUNDS, config=config
-            )
-            await producer.stop()
+            [session] = await start_sessions(settings, names, 1, rounds=ROUNDS, round_timeout=60)
             await first_aggregate(settings, names)  # mid-session: every group has formed
             for role in ROLES:
                 roles[role].send_signal(signal.SIGKILL)

@@ -13,11 +13,10 @@ import signal
 from collections import Counter
 
 from roundlog.audit import verify_models
-from roundlog.bus import Topics, make_producer
-from roundlog.client import import_model, start_session
+from roundlog.bus import Topics
 from roundlog.clock import utc_now
 from roundlog.config import Settings
-from roundlog.domain.events import RoundAggregated, RoundConfig, SessionFinished
+from roundlog.domain.events import RoundAggregated, SessionFinished
 from roundlog.projections.schema import upgrade
 from roundlog.replay import replay
 
@@ -26,9 +25,9 @@ from tests.integration.harness import (
     clients,
     first_aggregate,
     fold_log,
-    model,
     read_log,
     role_process,
+    start_sessions,
     stop_process,
     wait_until_finished,
 )
@@ -51,17 +50,7 @@ async def test_two_of_each_role_share_the_work_and_survive_a_kill(
     try:
         # training takes a while, so every session is still running when the kills come
         async with clients(settings, 4, train_seconds=1.0):
-            producer = make_producer(settings)
-            await producer.start()
-            model_id, ref = await import_model(producer, names, model())
-            config = RoundConfig(round_timeout=60, buffer_size=-1)
-            sessions = {
-                await start_session(
-                    producer, names, model_id=model_id, model=ref, rounds=ROUNDS, config=config
-                )
-                for _ in range(SESSIONS)
-            }
-            await producer.stop()
+            sessions = set(await start_sessions(settings, names, SESSIONS, rounds=ROUNDS, round_timeout=60))
             # mid-run: the first model is out, so the groups have formed and rounds are under way
             await first_aggregate(settings, names)
             for role in ("aggregator", "projector"):
