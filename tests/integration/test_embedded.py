@@ -200,7 +200,12 @@ async def test_topics_create_twice_is_a_noop_the_second_time(
     admin = AIOKafkaAdminClient(**settings.kafka_client_kwargs())
     await admin.start()
     try:
-        described = await admin.describe_topics(list(names))
+        # a broker of a multi-node cluster may answer before the new topics' metadata reached it
+        for _ in range(50):
+            described = await admin.describe_topics(list(names))
+            if all(t["partitions"] for t in described):
+                break
+            await asyncio.sleep(0.2)
         assert [len(t["partitions"]) for t in described] == [settings.partitions] * len(names)
         await admin.delete_topics(list(names))
     finally:
