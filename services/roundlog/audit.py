@@ -81,13 +81,13 @@ async def verify_models(
         sink = RecordingSink()
         aggregation = LogAggregation(TensorReader(tensor_consumer, topics.tensors), sink)
         for done, (tp, end) in enumerate(sorted(ends.items()), start=1):
-            fold = PartitionFold(tp.partition)
+            fold = PartitionFold.for_settings(tp.partition, settings)
             async for entry in read_range(log_consumer, topics.events, tp.partition, 0, end):
                 event = entry.decoded
                 if isinstance(event, DecodeError):
                     fold.skip(entry.offset)
                     continue
-                outcome = await aggregation.apply(fold, entry.offset, event, entry.logged_at)
+                outcome = await aggregation.apply(fold, entry, event)
                 if isinstance(event, RoundAggregated) and outcome.applied:
                     report.rounds_checked += 1
                     _compare(report, event, sink.refolded.get((event.session_id, event.round_id)))

@@ -9,6 +9,7 @@ carry one tensor chunk plus its key and headers.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -18,9 +19,10 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, for_code
 
 from roundlog.codec import encode
-from roundlog.config import Settings
-from roundlog.domain.events import ClientHeartbeat, Event, partition_key
+from roundlog.config import ConfigError, Settings
+from roundlog.domain.events import ClientHeartbeat, Event, RegistryEvent, derived_id, partition_key
 from roundlog.domain.validation import MAX_CHUNK_BYTES
+from roundlog.keys import Signer
 
 #: Payload bytes per record on the tensors topic: the most the contract allows.
 TENSOR_CHUNK_BYTES = MAX_CHUNK_BYTES
@@ -108,8 +110,29 @@ async def create_topics(settings: Settings) -> dict[str, bool]:
         await admin.close()
 
 
-def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
-    """A producer for roundlog's topics (call inside a running event loop, then ``await start()``)."""
+class Producer(AIOKafkaProducer):
+    """An AIOKafkaProducer that knows the key this process signs its events with."""
+
+    def __init__(self, *, signer: Signer | None, must_sign: bool, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.signer = signer
+        self.must_sign = must_sign
+
+    def seal(self, value: bytes) -> list[tuple[str, bytes]] | None:
+        """The signature headers for an event record; refuses loudly to send unsigned where the fold
+        would refuse every event (``ROUNDLOG_AUTH=signed`` without ``ROUNDLOG_KEY_FILE``)."""
+        if self.signer is not None:
+            return self.signer.headers(value)
+        if self.must_sign:
+            raise ConfigError(
+                "ROUNDLOG_AUTH=signed: set ROUNDLOG_KEY_FILE to this process's key (`roundlog keys create`)"
+            )
+        return None
+
+
+def make_producer(settings: Settings, **overrides: Any) -> Producer:
+    """A producer for roundlog's topics (call inside a running event loop, then ``await start()``);
+    it signs events with ``settings.key_file`` when one is set."""
     kwargs: dict[str, Any] = {
         **settings.kafka_client_kwargs(),
         "acks": "all",
@@ -121,7 +144,8 @@ def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
     }
     if kwargs.get("transactional_id"):
         raise ValueError("transactions are not used: exactly-once comes from stored offsets and event ids")
-    return AIOKafkaProducer(**kwargs)
+    signer = Signer.from_file(settings.key_file) if settings.key_file else None
+    return Producer(signer=signer, must_sign=settings.auth, **kwargs)
 
 
 class Consumer(AIOKafkaConsumer):
@@ -214,18 +238,37 @@ def make_consumer(settings: Settings, group_id: str | None = None, **overrides: 
     return Consumer(probe_kwargs={**connection, "enable_auto_commit": False}, **kwargs)
 
 
-async def publish(producer: AIOKafkaProducer, topics: Topics, events: Iterable[Event]) -> None:
-    """Send events to their topic, keyed so each session's events keep their order on one partition."""
-    sent = [
-        await producer.send(
-            topics.clients if isinstance(event, ClientHeartbeat) else topics.events,
-            encode(event),
-            key=partition_key(event).encode(),
-        )
-        for event in events
-    ]
+async def publish(producer: Producer, topics: Topics, events: Iterable[Event]) -> None:
+    """Send events to their topic, signed, keyed so each session's events keep their order on one
+    partition."""
+    sent = []
+    for event in events:
+        value = encode(event)
+        topic = topics.clients if isinstance(event, ClientHeartbeat) else topics.events
+        key = partition_key(event).encode()
+        sent.append(await producer.send(topic, value, key=key, headers=producer.seal(value)))
     for future in sent:
         await future
+
+
+async def publish_everywhere(producer: Producer, topics: Topics, event: RegistryEvent) -> int:
+    """Write a registry event to every events partition, so each partition's fold learns it at a
+    position of its own log. Each copy gets its own id (ids are unique across the log); returns
+    how many partitions were written."""
+    partitions = sorted(await producer.partitions_for(topics.events))
+    sent = []
+    for partition in partitions:
+        copy = dataclasses.replace(event, event_id=derived_id(event.event_id, "partition", str(partition)))
+        value = encode(copy)
+        key = partition_key(copy).encode()
+        sent.append(
+            await producer.send(
+                topics.events, value, key=key, partition=partition, headers=producer.seal(value)
+            )
+        )
+    for future in sent:
+        await future
+    return len(partitions)
 
 
 async def read_from_end(consumer: Consumer, *topics: str) -> None:

@@ -38,6 +38,7 @@ GROUPS = {
     "model": "bring models in from .npz files and write them back out",
     "session": "start sessions of training rounds",
     "round": "ask a running session for a round",
+    "keys": "manage the signing keys of a deployment that signs its events (ROUNDLOG_AUTH=signed)",
 }
 
 
@@ -275,6 +276,13 @@ def machine(args: argparse.Namespace) -> int:
             help="clients whose updates arrive after their round closed (default: 1)",
         ),
         arg("--seed", type=int, default=0, help="data split and local training seed (default: 0)"),
+        arg(
+            "--auth",
+            choices=["off", "signed"],
+            default=os.environ.get("ROUNDLOG_AUTH", "off"),
+            help="signed: every party signs with its own registered key and the fold checks every "
+            "event (default: $ROUNDLOG_AUTH, else off)",
+        ),
         *BROKER_ARGUMENTS,
     ],
 )
@@ -284,7 +292,9 @@ def demo(args: argparse.Namespace) -> int:
 
     _check_aggregator(args.aggregator)
     try:
-        options = Options(args.clients, args.rounds, args.aggregator, args.stragglers, args.seed)
+        options = Options(
+            args.clients, args.rounds, args.aggregator, args.stragglers, args.seed, args.auth == "signed"
+        )
     except ValueError as exc:
         raise Refused(str(exc)) from None
     with stack_settings(broker=args.broker, brokers=_broker_nodes(args)) as settings:
@@ -777,6 +787,134 @@ _METRICS_SQL = """
     ) AS m, jsonb_each_text(m.metrics) AS kv
     GROUP BY m.round_id, kv.key ORDER BY kv.key
 """
+
+
+KEY_ROLES = ("operator", "coordinator", "aggregator", "client")
+
+
+@command(
+    "keys create",
+    help="write a new Ed25519 signing key to FILE (PEM, readable by you only) and print its key id, "
+    "the public key that `keys register` and ROUNDLOG_OPERATOR_KEY take",
+    example="roundlog keys create coordinator.pem",
+    arguments=[arg("file", metavar="FILE", help="where to write the private key (must not exist)")],
+)
+def keys_create(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from roundlog.keys import create_key_file
+
+    try:
+        key_id = create_key_file(Path(args.file))
+    except FileExistsError:
+        raise Refused(f"{args.file} exists: a key file is never overwritten") from None
+    print(key_id)
+    return 0
+
+
+def _operator_producing(settings: Settings, work: Callable[[Any, Any], Any]) -> Any:
+    """Run a registry change signed by the operator key (ROUNDLOG_KEY_FILE must hold it)."""
+    from roundlog.keys import Signer
+
+    if settings.key_file is None or settings.operator_key is None:
+        raise Refused(
+            "registering keys needs ROUNDLOG_OPERATOR_KEY and ROUNDLOG_KEY_FILE, the operator's key file"
+        )
+    signer = Signer.from_file(settings.key_file)
+    if signer.key_id != settings.operator_key:
+        raise Refused(
+            f"ROUNDLOG_KEY_FILE holds key {signer.key_id[:16]}..., not the operator key "
+            f"{settings.operator_key[:16]}... (ROUNDLOG_OPERATOR_KEY): the fold would refuse it"
+        )
+    return asyncio.run(_producing(settings, work))
+
+
+@command(
+    "keys register",
+    help="let a key sign events in the given roles, from now on, in every partition of the events "
+    "topic (signed with the operator key in ROUNDLOG_KEY_FILE); registering a key again changes its "
+    "roles",
+    example="roundlog keys register 3b6a...e1 --role client --client-id hospital-7 --name 'ward 7 server'",
+    arguments=[
+        arg("key_id", metavar="KEY_ID", help="the key id `keys create` printed"),
+        arg("--role", action="append", required=True, choices=KEY_ROLES, help="repeat for several"),
+        arg("--client-id", default="", help="for a client key: the one client it speaks for"),
+        arg("--name", default="", help="a label for people"),
+    ],
+)
+def keys_register(args: argparse.Namespace) -> int:
+    from roundlog.client import register_key
+    from roundlog.domain.events import KeyRole
+
+    settings = Settings.from_env()
+    roles = tuple(KeyRole(role) for role in dict.fromkeys(args.role))
+    try:
+        partitions = _operator_producing(
+            settings,
+            lambda producer, topics: register_key(
+                producer, topics, args.key_id, roles, client_id=args.client_id, name=args.name
+            ),
+        )
+    except ValueError as error:
+        raise Refused(str(error)) from None
+    print(f"registered {args.key_id} as {', '.join(roles)} in {partitions} partitions")
+    return 0
+
+
+@command(
+    "keys revoke",
+    help="withdraw a key: in each partition, its events after this point are refused (revoked_key); "
+    "its earlier events stay valid, on replay too",
+    example="roundlog keys revoke 3b6a...e1 --reason 'laptop lost'",
+    arguments=[
+        arg("key_id", metavar="KEY_ID"),
+        arg("--reason", default="", help="why, for people"),
+    ],
+)
+def keys_revoke(args: argparse.Namespace) -> int:
+    from roundlog.client import revoke_key
+
+    settings = Settings.from_env()
+    try:
+        partitions = _operator_producing(
+            settings, lambda producer, topics: revoke_key(producer, topics, args.key_id, args.reason)
+        )
+    except ValueError as error:
+        raise Refused(str(error)) from None
+    print(f"revoked {args.key_id} in {partitions} partitions")
+    return 0
+
+
+@command(
+    "keys list",
+    help="the registered keys as projected: roles, client, when registered and revoked",
+    example="roundlog keys list",
+)
+def keys_list(args: argparse.Namespace) -> int:
+    import sqlalchemy as sa
+    from rich.console import Console
+    from rich.table import Table
+
+    settings = Settings.from_env()
+    engine = sa.create_engine(settings.database_url, poolclass=sa.NullPool)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT * FROM keys ORDER BY registered_at, key_id")).all()
+    finally:
+        engine.dispose()
+    table = Table("key", "roles", "client", "name", "registered", "revoked")
+    for row in rows:
+        revoked = "" if row.revoked_at is None else f"{row.revoked_at:%Y-%m-%d %H:%M:%S} {row.revoke_reason}"
+        table.add_row(
+            row.key_id,
+            ", ".join(row.roles),
+            row.client_id or "",
+            row.name,
+            f"{row.registered_at:%Y-%m-%d %H:%M:%S}",
+            revoked.strip(),
+        )
+    Console(width=200).print(table if rows else "no keys registered")
+    return 0
 
 
 @command(

@@ -21,15 +21,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import uuid
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, SupportsFloat
 
-from aiokafka import AIOKafkaProducer
-
 from roundlog.arrays import NamedArrays, sha256_of
-from roundlog.bus import Topics, make_consumer, make_producer, publish, read_from_end
+from roundlog.bus import (
+    Producer,
+    Topics,
+    make_consumer,
+    make_producer,
+    publish,
+    publish_everywhere,
+    read_from_end,
+)
 from roundlog.clock import utc_now
 from roundlog.codec import decode
 from roundlog.config import Settings
@@ -39,6 +48,9 @@ from roundlog.domain.events import (
     ClientRole,
     ClientsAssigned,
     Event,
+    KeyRegistered,
+    KeyRevoked,
+    KeyRole,
     ModelImported,
     PredictionReceived,
     RoundConfig,
@@ -51,6 +63,7 @@ from roundlog.domain.events import (
     update_id_for,
 )
 from roundlog.domain.validation import event_problem
+from roundlog.keys import create_key_file
 from roundlog.tensors import TensorReader, write_tensors
 
 log = logging.getLogger("roundlog.client")
@@ -158,7 +171,7 @@ class FederatedClient:
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
 
-    async def _heartbeat(self, producer: AIOKafkaProducer, stop: asyncio.Event) -> None:
+    async def _heartbeat(self, producer: Producer, stop: asyncio.Event) -> None:
         while not stop.is_set():
             beat = ClientHeartbeat(
                 event_id=str(uuid.uuid4()),
@@ -172,7 +185,7 @@ class FederatedClient:
                 await asyncio.wait_for(stop.wait(), self.heartbeat_every)
 
     async def _answer(
-        self, producer: AIOKafkaProducer, reader: TensorReader, fetching: asyncio.Lock, job: ClientsAssigned
+        self, producer: Producer, reader: TensorReader, fetching: asyncio.Lock, job: ClientsAssigned
     ) -> None:
         """Fetch the round's model, run the user's function for its task and submit the result."""
         try:
@@ -195,7 +208,7 @@ class FederatedClient:
         }
         return functions[task]
 
-    async def _result(self, producer: AIOKafkaProducer, job: ClientsAssigned, model: NamedArrays) -> Event:
+    async def _result(self, producer: Producer, job: ClientsAssigned, model: NamedArrays) -> Event:
         ids: dict[str, Any] = {
             "event_id": submission_event_id(job.round_id, self.client_id, job.task),
             "session_id": job.session_id,
@@ -243,7 +256,7 @@ def _floats(metrics: Metrics) -> dict[str, float]:
 
 
 async def import_model(
-    producer: AIOKafkaProducer, topics: Topics, arrays: NamedArrays, name: str = ""
+    producer: Producer, topics: Topics, arrays: NamedArrays, name: str = ""
 ) -> tuple[str, TensorRef]:
     """Store a model's chunks and announce it; the id derives from its bytes, so re-importing is a no-op."""
     model_id = derived_id("model", sha256_of(arrays))
@@ -260,7 +273,7 @@ async def import_model(
 
 
 async def start_session(
-    producer: AIOKafkaProducer,
+    producer: Producer,
     topics: Topics,
     *,
     model_id: str,
@@ -294,7 +307,7 @@ async def start_session(
 
 
 async def request_round(
-    producer: AIOKafkaProducer,
+    producer: Producer,
     topics: Topics,
     *,
     session_id: str,
@@ -312,6 +325,74 @@ async def request_round(
     _refuse_malformed(requested)
     await publish(producer, topics, [requested])
     return requested.round_id
+
+
+async def register_key(
+    producer: Producer,
+    topics: Topics,
+    key_id: str,
+    roles: tuple[KeyRole, ...],
+    client_id: str = "",
+    name: str = "",
+) -> int:
+    """Let a key sign in ``roles`` (as ``client_id``, for a client key), from now on in every
+    partition. ``producer`` must sign with the operator key. Returns the partitions written."""
+    registered = KeyRegistered(
+        event_id=str(uuid.uuid4()),
+        occurred_at=utc_now(),
+        key_id=key_id,
+        roles=roles,
+        client_id=client_id,
+        name=name,
+    )
+    _refuse_malformed(registered)
+    return await publish_everywhere(producer, topics, registered)
+
+
+async def revoke_key(producer: Producer, topics: Topics, key_id: str, reason: str = "") -> int:
+    """Withdraw a key: its events after this point of each partition are refused."""
+    revoked = KeyRevoked(event_id=str(uuid.uuid4()), occurred_at=utc_now(), key_id=key_id, reason=reason)
+    _refuse_malformed(revoked)
+    return await publish_everywhere(producer, topics, revoked)
+
+
+@dataclass(frozen=True)
+class SignedDeployment:
+    """Settings for each party of a deployment whose events are signed: the operator, the roles
+    (one key for coordinator and aggregator), and each client (its own key)."""
+
+    operator: Settings
+    roles: Settings
+    clients: Mapping[str, Settings]
+
+
+async def provision_keys(settings: Settings, folder: Path, client_ids: Sequence[str]) -> SignedDeployment:
+    """Create an operator key, a roles key and a key per client in ``folder``, register them in the
+    log, and switch signing on: a whole signed deployment, e.g. for the demo or a test."""
+    operator_file = folder / "operator.pem"
+    signed = dataclasses.replace(settings, auth=True, operator_key=create_key_file(operator_file))
+    operator = dataclasses.replace(signed, key_file=str(operator_file))
+    roles = dataclasses.replace(signed, key_file=str(folder / "roles.pem"))
+    clients = {
+        c: dataclasses.replace(signed, key_file=str(folder / f"client-{n}.pem"))
+        for n, c in enumerate(client_ids)
+    }
+    producer = make_producer(operator)
+    await producer.start()
+    try:
+        topics = Topics.from_prefix(settings.topic_prefix)
+        roles_key = create_key_file(Path(str(roles.key_file)))
+        await register_key(
+            producer, topics, roles_key, (KeyRole.COORDINATOR, KeyRole.AGGREGATOR), name="roles"
+        )
+        for client_id, client in clients.items():
+            key_id = create_key_file(Path(str(client.key_file)))
+            await register_key(
+                producer, topics, key_id, (KeyRole.CLIENT,), client_id=client_id, name=client_id
+            )
+    finally:
+        await producer.stop()
+    return SignedDeployment(operator, roles, clients)
 
 
 def _refuse_malformed(event: Event) -> None:

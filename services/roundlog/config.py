@@ -15,6 +15,8 @@ from typing import Any
 
 from aiokafka.helpers import create_ssl_context
 
+from roundlog.domain.validation import KEY_ID
+
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 #: What Kafka allows in a ``group.instance.id`` (the same rule as for topic names).
 INSTANCE_ID = re.compile(r"[A-Za-z0-9._-]{1,200}")
@@ -78,6 +80,12 @@ class Settings:
     #: producers are idempotent (no duplicate from a retried send, e.g. after a leader change).
     #: Apache Kafka supports it; Tansu has no InitProducerId, hence off unless asked for.
     kafka_idempotence: bool = False
+    #: every event must be signed by a registered key (``ROUNDLOG_AUTH=signed``); off, nothing is checked
+    auth: bool = False
+    #: the deployment's operator public key (64 hex digits): the one key that registers the others
+    operator_key: str | None = None
+    #: this process's signing key (a PEM file from ``roundlog keys create``)
+    key_file: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -122,6 +130,19 @@ class Settings:
         idempotence_text = (get("ROUNDLOG_KAFKA_IDEMPOTENCE") or "false").lower()
         if idempotence_text not in ("true", "false"):
             raise ConfigError(f"ROUNDLOG_KAFKA_IDEMPOTENCE must be true or false, not {idempotence_text!r}")
+        auth_text = (get("ROUNDLOG_AUTH") or "off").lower()
+        if auth_text not in ("off", "signed"):
+            raise ConfigError(f"ROUNDLOG_AUTH must be off or signed, not {auth_text!r}")
+        operator_key = get("ROUNDLOG_OPERATOR_KEY")
+        if operator_key is not None and not KEY_ID.fullmatch(operator_key):
+            raise ConfigError(
+                "ROUNDLOG_OPERATOR_KEY must be the operator's public key id, 64 lowercase hex digits "
+                f"(`roundlog keys create` prints it), not {operator_key[:80]!r}"
+            )
+        if auth_text == "signed" and operator_key is None:
+            raise ConfigError(
+                "ROUNDLOG_AUTH=signed needs ROUNDLOG_OPERATOR_KEY, the key that registers the others"
+            )
         return cls(
             kafka_bootstrap=env["ROUNDLOG_KAFKA_BOOTSTRAP"],
             database_url=database_url,
@@ -135,6 +156,9 @@ class Settings:
             kafka_ssl_cafile=get("ROUNDLOG_KAFKA_SSL_CAFILE"),
             instance_id=instance_id,
             kafka_idempotence=idempotence_text == "true",
+            auth=auth_text == "signed",
+            operator_key=operator_key,
+            key_file=get("ROUNDLOG_KEY_FILE"),
         )
 
     def env(self) -> dict[str, str]:
@@ -152,6 +176,9 @@ class Settings:
             "ROUNDLOG_KAFKA_SSL_CAFILE": self.kafka_ssl_cafile,
             "ROUNDLOG_INSTANCE_ID": self.instance_id,
             "ROUNDLOG_KAFKA_IDEMPOTENCE": "true" if self.kafka_idempotence else None,
+            "ROUNDLOG_AUTH": "signed" if self.auth else None,
+            "ROUNDLOG_OPERATOR_KEY": self.operator_key,
+            "ROUNDLOG_KEY_FILE": self.key_file,
         }
         return {name: value for name, value in values.items() if value is not None}
 

@@ -12,11 +12,14 @@ re-fold of every aggregated model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,7 +35,7 @@ from sklearn.datasets import load_digits  # type: ignore[import-untyped]
 from roundlog.arrays import NamedArrays
 from roundlog.audit import verify_models
 from roundlog.bus import Consumer, Topics, create_topics, make_consumer, make_producer, read_from_end
-from roundlog.client import FederatedClient, Metrics, import_model, start_session
+from roundlog.client import FederatedClient, Metrics, import_model, provision_keys, start_session
 from roundlog.codec import DecodeError, decode
 from roundlog.config import Settings
 from roundlog.domain.events import RoundConfig, SessionFinished, Task, UpdateReceived, ValidationReceived
@@ -159,6 +162,8 @@ class Options:
     aggregator: str = "fedavg"
     stragglers: int = 1
     seed: int = 0
+    #: every party signs its events with its own key, and the fold checks them (ROUNDLOG_AUTH=signed)
+    signed: bool = False
 
     def __post_init__(self) -> None:
         if self.clients < 1 or self.rounds < 1:
@@ -177,8 +182,29 @@ def run(settings: Settings, options: Options | None = None) -> int:
 
 
 async def _run(settings: Settings, options: Options, console: Console) -> int:
-    topics = Topics.from_prefix(settings.topic_prefix)
     await create_topics(settings)
+    client_ids = [f"client-{k + 1:02d}" for k in range(options.clients)]
+    with contextlib.ExitStack() as cleanup:
+        if not options.signed:
+            return await _demo(settings, settings, {c: settings for c in client_ids}, options, console)
+        folder = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="roundlog-keys-")))
+        signed = await provision_keys(settings, folder, client_ids)
+        console.print(
+            f"signed events: operator key {signed.operator.operator_key}, one key for the roles and one "
+            f"per client in {folder}, registered in the log"
+        )
+        return await _demo(signed.operator, signed.roles, signed.clients, options, console)
+
+
+async def _demo(
+    operator: Settings,
+    settings: Settings,
+    client_settings: Mapping[str, Settings],
+    options: Options,
+    console: Console,
+) -> int:
+    """The demo proper: ``operator`` starts the session, the roles run as ``settings``."""
+    topics = Topics.from_prefix(settings.topic_prefix)
     engine = sa.create_engine(settings.database_url, poolclass=sa.NullPool)
     trains, tests = split_digits(options.clients, options.seed)
     console.print(
@@ -188,13 +214,13 @@ async def _run(settings: Settings, options: Options, console: Console) -> int:
     )
     roles_stop, clients_stop = asyncio.Event(), asyncio.Event()
     roles = [asyncio.create_task(role(settings, roles_stop)) for role in ROLES]
-    fleet = _fleet(settings, options, trains, tests)
+    fleet = _fleet(client_settings, options, trains, tests)
     clients = [asyncio.create_task(c.run(clients_stop)) for c in fleet]
     follower = make_consumer(settings)
     await follower.start()
     try:
         await _wait_for_clients(engine, [c.client_id for c in fleet], roles)
-        session_id, session = await _train(settings, topics, options, follower, roles, console)
+        session_id, session = await _train(operator, topics, options, follower, roles, console)
         clients_stop.set()
         await asyncio.gather(*clients)
         await _wait_projected(settings, topics, follower, engine, roles)
@@ -213,16 +239,18 @@ async def _run(settings: Settings, options: Options, console: Console) -> int:
 
 
 def _fleet(
-    settings: Settings, options: Options, trains: list[Shard], tests: list[Shard]
+    client_settings: Mapping[str, Settings], options: Options, trains: list[Shard], tests: list[Shard]
 ) -> list[FederatedClient]:
     fleet = []
-    for k, (train, test) in enumerate(zip(trains, tests, strict=True)):
+    for k, ((client_id, settings), train, test) in enumerate(
+        zip(client_settings.items(), trains, tests, strict=True)
+    ):
         digits = DigitsClient(train, test, np.random.default_rng([options.seed, k]))
         straggler = k >= options.clients - options.stragglers
         fleet.append(
             FederatedClient(
                 settings,
-                f"client-{k + 1:02d}",
+                client_id,
                 train=digits.train,
                 validate=digits.validate,
                 labels={"straggler": "yes"} if straggler else {},

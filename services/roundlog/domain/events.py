@@ -33,6 +33,15 @@ class ClientRole(enum.StrEnum):
     VALIDATOR = "validator"
 
 
+class KeyRole(enum.StrEnum):
+    """What a registered signing key may do (a key may hold several roles)."""
+
+    OPERATOR = "operator"
+    COORDINATOR = "coordinator"
+    AGGREGATOR = "aggregator"
+    CLIENT = "client"
+
+
 def update_id_for(round_id: str, client_id: str) -> str:
     """The one id a client's update in a round may have (also its tensors key): nobody else can claim it."""
     return derived_id(round_id, "client", client_id, "update")
@@ -245,6 +254,28 @@ class ClientHeartbeat:
     labels: Mapping[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, kw_only=True)
+class KeyRegistered:
+    """The operator lets a key sign events in the given roles; written to every events partition."""
+
+    event_id: str
+    occurred_at: datetime
+    key_id: str
+    roles: tuple[KeyRole, ...]
+    client_id: str = ""
+    name: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeyRevoked:
+    """The operator withdraws a key: its events after this one, in each partition, are refused."""
+
+    event_id: str
+    occurred_at: datetime
+    key_id: str
+    reason: str = ""
+
+
 RoundEvent = (
     RoundRequested
     | ModelStaged
@@ -258,7 +289,8 @@ RoundEvent = (
     | RoundFailed
 )
 SessionEvent = SessionStarted | SessionFinished
-Event = SessionEvent | RoundEvent | ClientHeartbeat | ModelImported
+RegistryEvent = KeyRegistered | KeyRevoked
+Event = SessionEvent | RoundEvent | ClientHeartbeat | ModelImported | RegistryEvent
 
 #: Every event class, in the order of the design's table; the codec maps them to schemas by name.
 EVENT_TYPES: tuple[type[Event], ...] = (
@@ -276,13 +308,18 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     RoundFailed,
     SessionFinished,
     ClientHeartbeat,
+    KeyRegistered,
+    KeyRevoked,
 )
 
 
 def partition_key(event: Event) -> str:
-    """Events of one session share a partition; heartbeats are keyed by client, imports by model."""
+    """Events of one session share a partition; heartbeats are keyed by client, imports by model,
+    registry events (copied to every partition) by key."""
     if isinstance(event, ClientHeartbeat):
         return event.client_id
     if isinstance(event, ModelImported):
         return event.model_id
+    if isinstance(event, KeyRegistered | KeyRevoked):
+        return event.key_id
     return event.session_id

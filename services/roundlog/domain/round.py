@@ -76,6 +76,8 @@ class Round:
     aggregated: RoundAggregated | None = None
     fail_reason: str = ""
     changed_at: dict[RoundState, datetime] = field(default_factory=dict)
+    #: the event that ended the collection (the update that filled the buffer, a timeout, ...)
+    closed_by: str = ""
 
     @classmethod
     def requested(cls, event: RoundRequested) -> Round:

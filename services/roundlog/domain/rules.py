@@ -40,6 +40,11 @@ class Reason(enum.StrEnum):
     WEIGHT_LIMIT = "weight_limit"
     CLOCK_SKEW = "clock_skew"
     FOREIGN_UPDATE_ID = "foreign_update_id"
+    UNSIGNED = "unsigned"
+    BAD_SIGNATURE = "bad_signature"
+    UNKNOWN_KEY = "unknown_key"
+    REVOKED_KEY = "revoked_key"
+    NOT_PERMITTED = "not_permitted"
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from roundlog.domain.events import (
     Task,
     TensorRef,
 )
-from roundlog.domain.round import ROUND_TABLE, Round
+from roundlog.domain.round import ROUND_TABLE, Round, RoundState
 from roundlog.domain.rules import Branch, Reason, Refusal, Rule, fire, index
 from roundlog.domain.validation import config_problem
 
@@ -134,6 +134,8 @@ class Session:
         if target != before:
             round_.state = target
             round_.changed_at[target] = event.occurred_at
+            if before == RoundState.COLLECTING:
+                round_.closed_by = event.event_id
             if isinstance(event, RoundAggregated) and round_.task == Task.TRAINING:
                 self.rounds_done += 1
                 self.latest_model_id = event.model_id

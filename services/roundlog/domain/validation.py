@@ -20,6 +20,9 @@ from roundlog.domain.events import (
     ClientHeartbeat,
     ClientsAssigned,
     Event,
+    KeyRegistered,
+    KeyRevoked,
+    KeyRole,
     ModelImported,
     ModelStaged,
     RoundAggregated,
@@ -46,6 +49,8 @@ MAX_CHUNK_BYTES = 1 << 20
 MAX_CLOCK_SKEW = timedelta(minutes=5)
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+#: A key id: the raw Ed25519 public key in lowercase hex.
+KEY_ID = re.compile(r"[0-9a-f]{64}")
 
 
 class Invalid(ValueError):
@@ -195,6 +200,10 @@ def _check_aggregated(e: RoundAggregated) -> None:
         _check_ref(e.optimizer_state, "optimizer_state")
 
 
+def _check_key_id(key_id: str) -> None:
+    _require(KEY_ID.fullmatch(key_id) is not None, f"key_id {key_id[:80]!r} is not 64 lowercase hex digits")
+
+
 def _check_fields(event: Event) -> None:
     match event:
         case ModelImported():
@@ -222,3 +231,12 @@ def _check_fields(event: Event) -> None:
             _check_aggregated(event)
         case ClientHeartbeat():
             _require(bool(event.client_id), "client_id is empty")
+        case KeyRegistered():
+            _check_key_id(event.key_id)
+            _require(bool(event.roles), "a key needs at least one role")
+            _require(
+                (KeyRole.CLIENT in event.roles) == bool(event.client_id),
+                "a client key names its client_id, and only a client key does",
+            )
+        case KeyRevoked():
+            _check_key_id(event.key_id)

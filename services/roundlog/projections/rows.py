@@ -27,6 +27,8 @@ from roundlog.domain.events import (
     ClientHeartbeat,
     ClientsAssigned,
     Event,
+    KeyRegistered,
+    KeyRevoked,
     ModelImported,
     PredictionReceived,
     RoundAggregated,
@@ -57,6 +59,7 @@ EVENT_COLUMNS = (
     "occurred_at",
     "outcome",
     "payload",
+    "key_id",
 )
 UPDATE_COLUMNS = (
     "event_id",
@@ -117,10 +120,17 @@ class Rejection:
             "session_id": getattr(event, "session_id", None),
             "round_id": getattr(event, "round_id", None),
             "occurred_at": getattr(event, "occurred_at", None),
+            "key_id": _key_id(self.entry),
         }
 
 
 WRONG_TOPIC = "wrong_topic"
+
+
+def _key_id(entry: Entry) -> str | None:
+    """The key a record claims to be signed by (verified where the fold applied it under
+    ``ROUNDLOG_AUTH=signed``); the claim is kept for refused records too."""
+    return entry.seal.key_id[:200] if entry.seal is not None else None
 
 
 def storable(event: Event) -> tuple[Event, dict[str, Any], str]:
@@ -257,6 +267,7 @@ def round_row(round_: Round, received: int) -> dict[str, Any]:
         "aggregator": config.aggregator,
         "aggregator_kwargs": _strict_json(config.aggregator_kwargs),
         "deadline": round_.deadline,
+        "closed_by_event": round_.closed_by or None,
         "n_assigned": len(round_.assigned),
         "n_received": received,
         "n_accepted": n_accepted,
@@ -285,6 +296,9 @@ class BatchRows:
     validations: list[dict[str, Any]] = field(default_factory=list)
     predictions: list[dict[str, Any]] = field(default_factory=list)
     clients: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: the key registry's changes, in log order
+    registrations: list[dict[str, Any]] = field(default_factory=list)
+    revocations: list[dict[str, Any]] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
     #: rows of the sessions and rounds the batch touched, as they stand at ``snapshot``
     session_rows: list[dict[str, Any]] = field(default_factory=list)
@@ -308,7 +322,7 @@ class BatchRows:
         """A decoded record the rules refuse outside any fold (a heartbeat on the clients topic)."""
         self.rejections.append(Rejection(topic, entry, refusal.reason.value, refusal.detail, event))
 
-    def heartbeat(self, beat: ClientHeartbeat) -> None:
+    def heartbeat(self, beat: ClientHeartbeat, entry: Entry) -> None:
         """Only the latest heartbeat counts, so the clients table needs no fold and survives compaction."""
         last = self.clients.get(beat.client_id)
         if last is None or beat.occurred_at > last["last_seen"]:
@@ -317,6 +331,7 @@ class BatchRows:
                 "roles": [role.value for role in beat.roles],
                 "labels": dict(beat.labels),
                 "last_seen": beat.occurred_at,
+                "key_id": _key_id(entry),
             }
 
     def audited(self, entry: Entry, event: Event, text: str, outcome: str) -> bool:
@@ -336,6 +351,7 @@ class BatchRows:
                 event.occurred_at,
                 outcome,
                 text,
+                _key_id(entry),
             )
         )
         return True
@@ -378,11 +394,23 @@ class BatchRows:
                 )
             )
         if refusal is None:
-            self._applied(event, item.payload, session)
+            self._applied(item.entry, event, item.payload, session)
 
-    def _applied(self, event: Event, payload: dict[str, Any], session: Session | None) -> None:
+    def _applied(self, entry: Entry, event: Event, payload: dict[str, Any], session: Session | None) -> None:
         if isinstance(event, ClientHeartbeat):
-            self.heartbeat(event)
+            self.heartbeat(event, entry)
+        elif isinstance(event, KeyRegistered):
+            self.registrations.append(
+                {
+                    "key_id": event.key_id,
+                    "roles": [role.value for role in event.roles],
+                    "client_id": event.client_id or None,
+                    "name": event.name,
+                    "at": event.occurred_at,
+                }
+            )
+        elif isinstance(event, KeyRevoked):
+            self.revocations.append({"key_id": event.key_id, "at": event.occurred_at, "reason": event.reason})
         elif isinstance(event, ModelImported):
             self._model(
                 _model_row(event.model_id, "imported", event.tensor, event.occurred_at, name=event.name)

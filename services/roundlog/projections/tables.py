@@ -70,6 +70,7 @@ rounds = sa.Table(
     sa.Column("aggregated_at", Time),
     sa.Column("failed_at", Time),
     sa.Column("completed_at", Time),
+    sa.Column("closed_by_event", sa.Text),
 )
 
 round_clients = sa.Table(
@@ -152,6 +153,20 @@ clients = sa.Table(
     sa.Column("roles", ARRAY(sa.Text), nullable=False),
     sa.Column("labels", JSONB, nullable=False),
     sa.Column("last_seen", Time, nullable=False),
+    sa.Column("key_id", sa.Text),
+)
+
+keys = sa.Table(
+    "keys",
+    metadata,
+    sa.Column("key_id", sa.Text, primary_key=True),
+    sa.Column("roles", ARRAY(sa.Text), nullable=False),
+    sa.Column("client_id", sa.Text),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("registered_at", Time, nullable=False),
+    sa.Column("changed_at", Time, nullable=False),
+    sa.Column("revoked_at", Time),
+    sa.Column("revoke_reason", sa.Text),
 )
 
 events = sa.Table(
@@ -168,6 +183,8 @@ events = sa.Table(
     sa.Column("outcome", sa.Text, nullable=False),
     sa.Column("payload", JSONB, nullable=False),
     sa.Column("projected_at", Time, nullable=False, server_default=sa.func.now()),
+    sa.Column("key_id", sa.Text),
+    sa.Index("events_round_id", "round_id"),
 )
 
 rejected_events = sa.Table(
@@ -187,6 +204,7 @@ rejected_events = sa.Table(
     sa.Column("round_id", sa.Text),
     sa.Column("occurred_at", Time),
     sa.Column("projected_at", Time, nullable=False, server_default=sa.func.now()),
+    sa.Column("key_id", sa.Text),
 )
 
 projector_offsets = sa.Table(
@@ -201,7 +219,7 @@ projector_offsets = sa.Table(
 )
 
 #: The views the migrations create; they derive from the tables, so replay compares only tables.
-VIEWS = ("round_timeline", "client_participation", "session_progress")
+VIEWS = ("round_timeline", "client_participation", "session_progress", "round_authors")
 
 #: Columns that record when the projector wrote a row, not what the log says: replay ignores them.
 RECORDING_COLUMNS = frozenset({"projected_at", "updated_at"})

@@ -168,11 +168,30 @@ _OFFSETS = _Insert.upsert(t.projector_offsets, "consumer", "topic", "partition",
 _NEW_OFFSETS = _Insert.of(t.projector_offsets, "ON CONFLICT DO NOTHING")
 # Roles are an array per client, which unnest cannot carry: one pipelined statement per client.
 _CLIENTS = """
-    INSERT INTO clients (client_id, roles, labels, last_seen)
-    VALUES (%(client_id)s, %(roles)s, %(labels)s, %(last_seen)s)
+    INSERT INTO clients (client_id, roles, labels, last_seen, key_id)
+    VALUES (%(client_id)s, %(roles)s, %(labels)s, %(last_seen)s, %(key_id)s)
     ON CONFLICT (client_id) DO UPDATE
-    SET roles = excluded.roles, labels = excluded.labels, last_seen = excluded.last_seen
+    SET roles = excluded.roles, labels = excluded.labels, last_seen = excluded.last_seen,
+        key_id = excluded.key_id
     WHERE clients.last_seen < excluded.last_seen
+"""
+
+# Each partition holds a copy of every registry event: whichever copy comes first, the row ends
+# the same (the first registration's time, the latest registration's roles, the first revocation).
+_REGISTRATIONS = """
+    INSERT INTO keys (key_id, roles, client_id, name, registered_at, changed_at)
+    VALUES (%(key_id)s, %(roles)s, %(client_id)s, %(name)s, %(at)s, %(at)s)
+    ON CONFLICT (key_id) DO UPDATE SET
+        registered_at = LEAST(keys.registered_at, excluded.registered_at),
+        roles = CASE WHEN excluded.changed_at > keys.changed_at THEN excluded.roles ELSE keys.roles END,
+        client_id = CASE WHEN excluded.changed_at > keys.changed_at
+                         THEN excluded.client_id ELSE keys.client_id END,
+        name = CASE WHEN excluded.changed_at > keys.changed_at THEN excluded.name ELSE keys.name END,
+        changed_at = GREATEST(keys.changed_at, excluded.changed_at)
+"""
+_REVOCATIONS = """
+    UPDATE keys SET revoked_at = %(at)s, revoke_reason = %(reason)s
+    WHERE key_id = %(key_id)s AND (revoked_at IS NULL OR revoked_at > %(at)s)
 """
 
 _REPORTS = """
@@ -254,6 +273,10 @@ async def write(
             await cursor.executemany(
                 _CLIENTS, [{**row, "labels": Jsonb(row["labels"])} for row in rows.clients.values()]
             )
+    if rows.registrations or rows.revocations:
+        async with conn.cursor() as cursor:
+            await cursor.executemany(_REGISTRATIONS, rows.registrations)
+            await cursor.executemany(_REVOCATIONS, rows.revocations)
     await _REJECTED.run(conn, (rejection.row() for rejection in rows.rejections))
     await _OFFSETS.run(conn, _offset_rows(consumer, bookmarks))
 

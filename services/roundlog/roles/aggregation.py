@@ -13,7 +13,6 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Protocol
 
 from roundlog.aggregation import (
@@ -33,7 +32,7 @@ from roundlog.domain.events import ArraySpec, Event, Task, TensorRef, UpdateRece
 from roundlog.domain.round import Round, RoundState
 from roundlog.domain.session import Outcome, Session
 from roundlog.observability import FOLD_BYTES
-from roundlog.roles.stream import PartitionFold
+from roundlog.roles.stream import Entry, PartitionFold
 from roundlog.tensors import TensorReader, check_layout
 
 RoundKey = tuple[str, str]
@@ -101,11 +100,9 @@ class LogAggregation:
         self._broken: dict[RoundKey, Closed] = {}
         self._partition_of: dict[RoundKey, int] = {}
 
-    async def apply(
-        self, fold: PartitionFold, offset: int, event: Event, logged_at: datetime | None
-    ) -> Outcome:
+    async def apply(self, fold: PartitionFold, entry: Entry, event: Event) -> Outcome:
         """Fold one event; an accepted update is folded now, a closed round finalized now."""
-        outcome = fold.apply(offset, event, logged_at)
+        outcome = fold.apply(entry.offset, event, entry.logged_at, entry.seal)
         if not outcome.applied or outcome.round_id is None:
             return outcome
         session = fold.ledger.sessions.get(getattr(event, "session_id", ""))

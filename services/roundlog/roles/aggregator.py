@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime
 
 from roundlog import observability as obs
 from roundlog.arrays import sha256_of
@@ -22,7 +21,7 @@ from roundlog.domain.round import Round
 from roundlog.domain.session import Outcome, Session
 from roundlog.roles.aggregation import Closed, LogAggregation, Unusable
 from roundlog.roles.base import FoldingRole
-from roundlog.roles.stream import PartitionFold
+from roundlog.roles.stream import Entry, PartitionFold
 from roundlog.tensors import TensorReader, write_tensors
 
 log = logging.getLogger("roundlog.aggregator")
@@ -113,10 +112,8 @@ class AggregatorRole(FoldingRole):
             TensorReader(self.reader_consumer, self.topics.tensors), EmittingSink(self)
         )
 
-    async def apply(
-        self, fold: PartitionFold, offset: int, event: Event, logged_at: datetime | None
-    ) -> Outcome:
-        return await self.aggregation.apply(fold, offset, event, logged_at)
+    async def apply(self, fold: PartitionFold, entry: Entry, event: Event) -> Outcome:
+        return await self.aggregation.apply(fold, entry, event)
 
     async def resume(self, fold: PartitionFold) -> None:
         await self.aggregation.resume(fold)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Sequence
-from datetime import datetime
 from typing import ClassVar
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
@@ -49,10 +48,8 @@ class FoldingRole(ConsumerRebalanceListener):
 
     # --- hooks ------------------------------------------------------------------------------------
 
-    async def apply(
-        self, fold: PartitionFold, offset: int, event: Event, logged_at: datetime | None
-    ) -> Outcome:
-        return fold.apply(offset, event, logged_at)
+    async def apply(self, fold: PartitionFold, entry: Entry, event: Event) -> Outcome:
+        return fold.apply(entry.offset, event, entry.logged_at, entry.seal)
 
     async def after_batch(self) -> None:
         """Called after every poll, with or without records: time passes for the coordinator."""
@@ -103,7 +100,7 @@ class FoldingRole(ConsumerRebalanceListener):
                     continue
                 obs.EVENTS.labels(self.role, type(entry.decoded).__name__).inc()
                 try:
-                    outcome = await self.apply(fold, entry.offset, entry.decoded, entry.logged_at)
+                    outcome = await self.apply(fold, entry, entry.decoded)
                 except Exception as error:
                     unhandled = UnhandledRecord(entry, error)
                     self.log.critical("stopping: %s", unhandled)
@@ -146,7 +143,7 @@ class FoldingRole(ConsumerRebalanceListener):
         """Re-fold a new partition from its replay point to its end, then let the role resume."""
         start = await self.consumer.committed(tp) or 0
         end = (await self.consumer.end_offsets([tp]))[tp]
-        fold = PartitionFold(tp.partition)
+        fold = PartitionFold.for_settings(tp.partition, self.settings)
         await refold(self.reader_consumer, self.topics.events, fold, start, end)
         self.folds[tp.partition] = fold
         await self.resume(fold)

@@ -23,6 +23,7 @@ from roundlog.arrays import StreamError
 from roundlog.bus import Consumer, make_consumer
 from roundlog.clock import utc_now
 from roundlog.config import Settings
+from roundlog.domain.authority import seal_problem
 from roundlog.domain.decide import follow_up
 from roundlog.domain.events import (
     ClientHeartbeat,
@@ -88,11 +89,9 @@ class CoordinatorRole(FoldingRole):
         finally:
             await self.heartbeat_consumer.stop()
 
-    async def apply(
-        self, fold: PartitionFold, offset: int, event: Event, logged_at: datetime | None
-    ) -> Outcome:
+    async def apply(self, fold: PartitionFold, entry: Entry, event: Event) -> Outcome:
         self.emitted.discard(event.event_id)
-        return fold.apply(offset, event, logged_at)
+        return fold.apply(entry.offset, event, entry.logged_at, entry.seal)
 
     async def after_batch(self) -> None:
         if self.hearing is not None and self.hearing.done():
@@ -120,8 +119,12 @@ class CoordinatorRole(FoldingRole):
                     self._hear(Entry.of(record))
 
     def _hear(self, entry: Entry) -> None:
-        if isinstance(beat := entry.decoded, ClientHeartbeat) and not event_problem(beat, entry.logged_at):
-            self.clients.heard(beat, _heard_at(entry))
+        beat = entry.decoded
+        if not isinstance(beat, ClientHeartbeat) or event_problem(beat, entry.logged_at):
+            return
+        if self.settings.auth and seal_problem(entry.seal) is not None:
+            return  # whether its key may speak for the client is asked at sampling, per partition
+        self.clients.heard(beat, _heard_at(entry), entry.seal.key_id if entry.seal else "")
 
     # --- what each state calls for ----------------------------------------------------------------
 
@@ -131,7 +134,7 @@ class CoordinatorRole(FoldingRole):
             for session in list(fold.ledger.sessions.values()):
                 actions: list[Event] = []
                 for round_ in session.rounds_in_order():
-                    action = await self._round_action(session, round_, now)
+                    action = await self._round_action(fold, session, round_, now)
                     if action is not None:
                         actions.append(action)
                 if (next_step := follow_up(session)) is not None:
@@ -143,14 +146,16 @@ class CoordinatorRole(FoldingRole):
             await self.emit(events)
             self.emitted.update(e.event_id for e in events)
 
-    async def _round_action(self, session: Session, round_: Round, now: datetime) -> Event | None:
+    async def _round_action(
+        self, fold: PartitionFold, session: Session, round_: Round, now: datetime
+    ) -> Event | None:
         ids = {"session_id": session.session_id, "round_id": round_.round_id}
         if round_.state in (RoundState.REQUESTED, RoundState.STAGED) and self._answered(round_):
             return None
         if round_.state == RoundState.REQUESTED:
             return await self._stage(session, round_, now)
         if round_.state == RoundState.STAGED:
-            return self._assign(session, round_, now)
+            return self._assign(fold, session, round_, now)
         if round_.state == RoundState.COLLECTING and round_.deadline is not None and now >= round_.deadline:
             return RoundTimedOut(
                 event_id=derived_id(round_.round_id, "timed-out"),
@@ -195,11 +200,13 @@ class CoordinatorRole(FoldingRole):
             **ids,
         )
 
-    def _assign(self, session: Session, round_: Round, now: datetime) -> Event:
-        """Sample up to max_clients live clients of the round's role, or fail the round for too few."""
+    def _assign(self, fold: PartitionFold, session: Session, round_: Round, now: datetime) -> Event:
+        """Sample up to max_clients live clients of the round's role, or fail the round for too few.
+        Where events are signed, a client counts only if its heartbeat's key may speak for it here."""
         ids = {"session_id": session.session_id, "round_id": round_.round_id}
         role = ClientRole.TRAINER if round_.task == Task.TRAINING else ClientRole.VALIDATOR
-        live = self.clients.live(now, self.client_ttl, role)
+        authority = fold.ledger.authority
+        live = self.clients.live(now, self.client_ttl, role, authority.speaks_for if authority else None)
         config = round_.config
         if len(live) < max(1, config.clients_required):
             return RoundFailed(

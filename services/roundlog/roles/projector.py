@@ -29,6 +29,7 @@ from roundlog import observability as obs
 from roundlog.bus import Topics, make_consumer, make_producer
 from roundlog.codec import DecodeError
 from roundlog.config import Settings
+from roundlog.domain.authority import seal_problem
 from roundlog.domain.events import ClientHeartbeat
 from roundlog.domain.validation import event_problem
 from roundlog.projections import writer
@@ -76,7 +77,7 @@ def fold_entry(fold: PartitionFold, entry: Entry) -> Folded | None:
     session_id: str | None = getattr(event, "session_id", None)
     # Held before applying: a SessionFinished takes the session out of the ledger.
     before = fold.ledger.sessions.get(session_id) if session_id else None
-    outcome = fold.apply(entry.offset, event, entry.logged_at)
+    outcome = fold.apply(entry.offset, event, entry.logged_at, entry.seal)
     session = fold.ledger.sessions.get(session_id, before) if session_id else None
     return Folded(entry, event, outcome, session, payload, text)
 
@@ -105,13 +106,14 @@ class Projector:
 
     def __init__(
         self,
-        topics: Topics,
+        settings: Settings,
         db: writer.Database,
         reader: AIOKafkaConsumer,
         producer: AIOKafkaProducer | None,
         name: str,
     ) -> None:
-        self.topics = topics
+        self.settings = settings
+        self.topics = Topics.from_prefix(settings.topic_prefix)
         self.db = db
         self.reader = reader
         self.producer = producer
@@ -241,7 +243,7 @@ class Projector:
             }
         for tp in wanted:
             mark = marks[(tp.topic, tp.partition)]
-            fold = PartitionFold(tp.partition)
+            fold = PartitionFold.for_settings(tp.partition, self.settings)
             if tp.topic == self.topics.events:
                 # Sessions that finished before the replay point are not re-folded: the table knows them.
                 fold.ledger.finished |= finished[tp.partition]
@@ -290,8 +292,12 @@ class Projector:
                 rows.undecodable(topic, entry, entry.decoded)
             elif isinstance(event := storable(entry.decoded)[0], ClientHeartbeat):
                 refusal = event_problem(event, entry.logged_at)
+                if refusal is None and self.settings.auth:
+                    # Its signature only: whether the key may speak for the client is the registry's
+                    # answer in each partition, which ``clients.key_id`` joined with ``keys`` shows.
+                    refusal = seal_problem(entry.seal)
                 if refusal is None:
-                    rows.heartbeat(event)
+                    rows.heartbeat(event, entry)
                 else:
                     rows.refused(topic, entry, event, refusal)
             else:
@@ -366,9 +372,7 @@ async def projector_for(
         await reader.start()
         if producer is not None:
             await producer.start()
-        projector = Projector(
-            Topics.from_prefix(settings.topic_prefix), db, reader, producer, consumer_name(settings)
-        )
+        projector = Projector(settings, db, reader, producer, consumer_name(settings))
         try:
             yield projector
         finally:

@@ -8,7 +8,7 @@ keeps one ``PartitionFold`` per assigned partition and drops it when the partiti
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -16,6 +16,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from roundlog.codec import DecodeError, decode
+from roundlog.config import Settings
+from roundlog.domain.authority import KEY_HEADER, SIGNATURE_HEADER, Authority, Seal
 from roundlog.domain.events import Event, SessionFinished, SessionStarted
 from roundlog.domain.ledger import Ledger
 from roundlog.domain.session import Outcome
@@ -24,6 +26,15 @@ from roundlog.domain.session import Outcome
 HEAD_BYTES = 64
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def seal_of(headers: Sequence[tuple[str, bytes]], value: bytes) -> Seal | None:
+    """The author a record's headers claim, or None when it carries no (or a mangled) claim."""
+    found = dict(headers)
+    key, signature = found.get(KEY_HEADER), found.get(SIGNATURE_HEADER)
+    if key is None or signature is None:
+        return None
+    return Seal(key.decode("ascii", "replace"), signature, value)
 
 
 def log_time(timestamp_ms: int | None) -> datetime | None:
@@ -51,12 +62,20 @@ class Entry:
     decoded: Event | DecodeError
     #: when the log took the record (see ``log_time``)
     logged_at: datetime | None = None
+    #: who the headers say signed it
+    seal: Seal | None = None
 
     @classmethod
     def of(cls, record: ConsumerRecord[bytes, bytes]) -> Entry:
         value = record.value or b""
         return cls(
-            record.partition, record.offset, record.key, value, decode(value), log_time(record.timestamp)
+            record.partition,
+            record.offset,
+            record.key,
+            value,
+            decode(value),
+            log_time(record.timestamp),
+            seal_of(record.headers, value) if record.headers else None,
         )
 
 
@@ -83,8 +102,16 @@ class PartitionFold:
     #: offset of each open session's SessionStarted
     session_starts: dict[str, int] = field(default_factory=dict)
 
-    def apply(self, offset: int, event: Event, logged_at: datetime | None = None) -> Outcome:
-        outcome = self.ledger.apply(event, logged_at)
+    @classmethod
+    def for_settings(cls, partition: int, settings: Settings) -> PartitionFold:
+        """A fresh fold that enforces signatures when the deployment signs (``ROUNDLOG_AUTH``)."""
+        authority = Authority(settings.operator_key) if settings.operator_key and settings.auth else None
+        return cls(partition, Ledger(authority=authority))
+
+    def apply(
+        self, offset: int, event: Event, logged_at: datetime | None = None, seal: Seal | None = None
+    ) -> Outcome:
+        outcome = self.ledger.apply(event, logged_at, seal)
         if outcome.applied and isinstance(event, SessionStarted):
             self.session_starts[event.session_id] = offset
         elif outcome.applied and isinstance(event, SessionFinished):
@@ -128,7 +155,7 @@ async def refold(consumer: AIOKafkaConsumer, topic: str, fold: PartitionFold, st
         if isinstance(entry.decoded, DecodeError):
             fold.skip(entry.offset)
         else:
-            fold.apply(entry.offset, entry.decoded, entry.logged_at)
+            fold.apply(entry.offset, entry.decoded, entry.logged_at, entry.seal)
     fold.next_offset = max(fold.next_offset, stop)
 
 
