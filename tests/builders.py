@@ -10,6 +10,8 @@ from roundlog.domain.events import (
     ClientHeartbeat,
     ClientRole,
     ClientsAssigned,
+    Event,
+    ModelImported,
     ModelStaged,
     PredictionReceived,
     RoundAggregated,
@@ -177,3 +179,25 @@ class Script:
         stamp = self._stamp()
         del stamp["session_id"]
         return ClientHeartbeat(**stamp, client_id=client, roles=roles or (ClientRole.TRAINER,))  # type: ignore[arg-type]
+
+
+def every_event(s: Script) -> list[Event]:
+    """One event of each type a party can produce (registry events aside), in a plausible order."""
+    return [
+        ModelImported(
+            event_id=f"{s.session_id}-import", occurred_at=T0, model_id="m0", tensor=tensor_ref("m0")
+        ),
+        s.started(),
+        s.requested(),
+        s.staged(),
+        s.assigned(clients=("alice",)),
+        s.update("alice"),
+        s.rejected("alice"),
+        s.validation("alice"),
+        s.prediction("alice"),
+        s.timed_out(),
+        s.aggregated(),
+        s.failed(),
+        s.finished(),
+        s.heartbeat("alice"),
+    ]

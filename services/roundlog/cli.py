@@ -886,6 +886,40 @@ def keys_revoke(args: argparse.Namespace) -> int:
 
 
 @command(
+    "keys refresh",
+    help="restate every key's registration (and every revocation) as projected, in every partition: "
+    "a role re-folds a partition from the oldest registry event it still needs, so without a refresh "
+    "now and then a restart re-reads the log from its first registration",
+    example="roundlog keys refresh",
+)
+def keys_refresh(args: argparse.Namespace) -> int:
+    import sqlalchemy as sa
+
+    from roundlog.client import register_key, revoke_key
+    from roundlog.domain.events import KeyRole
+
+    settings = Settings.from_env()
+    engine = sa.create_engine(settings.database_url, poolclass=sa.NullPool)
+    try:
+        with engine.connect() as conn:
+            keys = conn.execute(sa.text("SELECT * FROM keys ORDER BY registered_at, key_id")).all()
+    finally:
+        engine.dispose()
+
+    async def restate(producer: Any, topics: Any) -> None:
+        for key in keys:
+            if key.revoked_at is None:
+                roles = tuple(KeyRole(role) for role in key.roles)
+                await register_key(producer, topics, key.key_id, roles, key.client_id or "", key.name)
+            else:
+                await revoke_key(producer, topics, key.key_id, key.revoke_reason or "")
+
+    _operator_producing(settings, restate)
+    print(f"restated {len(keys)} keys")
+    return 0
+
+
+@command(
     "keys list",
     help="the registered keys as projected: roles, client, when registered and revoked",
     example="roundlog keys list",

@@ -47,7 +47,6 @@ from tests.integration.harness import (
     caught_up,
     clients,
     fold_log,
-    read_log,
     role_process,
     start_sessions,
     stop_process,
@@ -305,7 +304,7 @@ async def test_sessions_survive(
         f"longest stall of the log {watcher.longest_stall(done.started):.1f} s\n{_role_logs(logs)}"
     )
 
-    applied = [event for event, outcome in fold_log(await read_log(settings, names)) if outcome.applied]
+    applied = [event for event, outcome in await fold_log(settings, names) if outcome.applied]
     finished = [e for e in applied if isinstance(e, SessionFinished)]
     assert {e.session_id for e in finished} == sessions and all(e.succeeded for e in finished), [
         f"{e.reason} ({e.detail})" for e in applied if isinstance(e, RoundFailed)

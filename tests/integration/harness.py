@@ -10,20 +10,21 @@ import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import psycopg
 
 from roundlog.bus import Topics, make_consumer, make_producer
-from roundlog.client import FederatedClient, import_model, start_session
+from roundlog.client import FederatedClient, SignedDeployment, import_model, start_session
 from roundlog.codec import DecodeError, decode
 from roundlog.config import Settings
 from roundlog.domain.events import Event, RoundAggregated, RoundConfig, SessionFinished
-from roundlog.domain.ledger import Ledger
 from roundlog.domain.session import Outcome
 from roundlog.roles.projector import consumer_name
-from roundlog.roles.stream import read_range
+from roundlog.roles.stream import PartitionFold, read_range
+
+E = TypeVar("E", bound=Event)
 
 #: Short group sessions, so a killed member's partitions move on within seconds: the shortest
 #: Apache Kafka accepts by default (``group.min.session.timeout.ms``).
@@ -72,22 +73,31 @@ def validator(arrays: Sequence[tuple[str, np.ndarray[Any, Any]]], config: RoundC
     return 5, {"mean": float(np.mean(arrays[0][1]))}
 
 
+def client_ids(count: int) -> list[str]:
+    return [f"client-{k}" for k in range(count)]
+
+
 @contextlib.asynccontextmanager
 async def clients(
-    settings: Settings, count: int, train_seconds: float = 0.0, **options: Any
+    settings: Settings,
+    count: int,
+    train_seconds: float = 0.0,
+    signed: SignedDeployment | None = None,
+    **options: Any,
 ) -> AsyncIterator[list[FederatedClient]]:
-    """``count`` simulated clients that train and validate, running until the block ends."""
+    """``count`` simulated clients that train and validate, running until the block ends; each
+    signs with its own key of ``signed`` when given."""
     stop = asyncio.Event()
     fleet = [
         FederatedClient(
-            settings,
-            f"client-{k}",
+            settings if signed is None else signed.clients[client_id],
+            client_id,
             train=trainer(k, train_seconds),
             validate=validator,
             heartbeat_every=0.5,
             **options,
         )
-        for k in range(count)
+        for k, client_id in enumerate(client_ids(count))
     ]
     tasks = [asyncio.create_task(c.run(stop)) for c in fleet]
     try:
@@ -124,30 +134,22 @@ async def start_sessions(
         await producer.stop()
 
 
-async def read_log(settings: Settings, topics: Topics) -> dict[int, list[tuple[int, Event]]]:
-    """Every decodable event of the events topic, per partition, with its offset."""
+async def fold_log(settings: Settings, topics: Topics) -> list[tuple[Event, Outcome]]:
+    """Fold every partition of the events topic as any role does, signatures checked where
+    ``settings`` sign; every decodable event with what it did."""
     consumer = make_consumer(settings)
     await consumer.start()
     try:
         ends = await consumer.end_offsets(await consumer.topic_partitions(topics.events))
-        log: dict[int, list[tuple[int, Event]]] = {}
+        folded = []
         for tp, end in ends.items():
-            entries = [e async for e in read_range(consumer, topics.events, tp.partition, 0, end)]
-            log[tp.partition] = [
-                (e.offset, e.decoded) for e in entries if not isinstance(e.decoded, DecodeError)
-            ]
-        return log
+            fold = PartitionFold.for_settings(tp.partition, settings)
+            async for e in read_range(consumer, topics.events, tp.partition, 0, end):
+                if not isinstance(e.decoded, DecodeError):
+                    folded.append((e.decoded, fold.apply(e.offset, e.decoded, e.logged_at, e.seal)))
+        return folded
     finally:
         await consumer.stop()
-
-
-def fold_log(log: dict[int, list[tuple[int, Event]]]) -> list[tuple[Event, Outcome]]:
-    """Fold every partition as any role does; the events with what each one did."""
-    folded = []
-    for entries in log.values():
-        ledger = Ledger()
-        folded += [(event, ledger.apply(event)) for _, event in entries]
-    return folded
 
 
 async def wait_until_finished(settings: Settings, topics: Topics, sessions: set[str], timeout: float) -> None:
@@ -167,7 +169,8 @@ async def wait_until_finished(settings: Settings, topics: Topics, sessions: set[
         await consumer.stop()
 
 
-async def first_aggregate(settings: Settings, topics: Topics) -> RoundAggregated:
+async def first_event(settings: Settings, topics: Topics, kind: type[E]) -> E:
+    """The first event of type ``kind`` in the events topic (waiting for it)."""
     consumer = make_consumer(settings)
     await consumer.start()
     consumer.subscribe([topics.events])
@@ -176,10 +179,14 @@ async def first_aggregate(settings: Settings, topics: Topics) -> RoundAggregated
             while True:
                 for records in (await consumer.getmany(timeout_ms=500)).values():
                     for record in records:
-                        if isinstance(event := decode(record.value or b""), RoundAggregated):
+                        if isinstance(event := decode(record.value or b""), kind):
                             return event
     finally:
         await consumer.stop()
+
+
+async def first_aggregate(settings: Settings, topics: Topics) -> RoundAggregated:
+    return await first_event(settings, topics, RoundAggregated)
 
 
 async def caught_up(settings: Settings, topics: Topics) -> None:

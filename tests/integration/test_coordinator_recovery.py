@@ -14,7 +14,6 @@ from roundlog.domain.events import RoundAggregated, RoundRequested, SessionFinis
 from tests.integration.harness import (
     clients,
     fold_log,
-    read_log,
     role_process,
     start_sessions,
     stop_process,
@@ -55,7 +54,7 @@ async def test_a_killed_coordinator_resumes_and_each_round_takes_effect_once(
         stop_process(aggregator)
 
     assert kills >= 2, "the coordinator died at least twice while the session ran"
-    folded = fold_log(await read_log(settings, names))
+    folded = await fold_log(settings, names)
     applied = [event for event, outcome in folded if outcome.applied]
     requested = Counter((e.round_no, e.task) for e in applied if isinstance(e, RoundRequested))
     assert requested == Counter(

@@ -23,7 +23,6 @@ from tests.integration.harness import (
     clients,
     first_aggregate,
     fold_log,
-    read_log,
     role_process,
     start_sessions,
     stop_process,
@@ -81,7 +80,7 @@ async def test_every_role_killed_and_restarted_under_its_instance_id_resumes(
         for process in roles.values():
             stop_process(process)
 
-    applied = [event for event, outcome in fold_log(await read_log(settings, names)) if outcome.applied]
+    applied = [event for event, outcome in await fold_log(settings, names) if outcome.applied]
     [finished] = [e for e in applied if isinstance(e, SessionFinished)]
     assert finished.session_id == session and finished.succeeded, finished.reason
     aggregated = Counter(e.round_id for e in applied if isinstance(e, RoundAggregated))

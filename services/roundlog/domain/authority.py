@@ -159,11 +159,10 @@ class Authority:
         return None
 
     def revoke(self, event: KeyRevoked) -> Refusal | None:
+        """Withdraw a key; revoking it again restates the revocation (``roundlog keys refresh``)."""
         known = self.keys.get(event.key_id)
         if known is None:
             return Refusal(Reason.UNKNOWN_KEY, f"key {event.key_id} is not registered")
-        if known.revoked:
-            return Refusal(Reason.REVOKED_KEY, f"key {event.key_id} was revoked already")
         self.keys[event.key_id] = RegisteredKey(known.roles, known.client_id, revoked=True)
         return None
 

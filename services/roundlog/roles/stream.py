@@ -18,7 +18,7 @@ from aiokafka.structs import ConsumerRecord
 from roundlog.codec import DecodeError, decode
 from roundlog.config import Settings
 from roundlog.domain.authority import KEY_HEADER, SIGNATURE_HEADER, Authority, Seal
-from roundlog.domain.events import Event, SessionFinished, SessionStarted
+from roundlog.domain.events import Event, KeyRegistered, KeyRevoked, SessionFinished, SessionStarted
 from roundlog.domain.ledger import Ledger
 from roundlog.domain.session import Outcome
 
@@ -101,6 +101,8 @@ class PartitionFold:
     next_offset: int = 0
     #: offset of each open session's SessionStarted
     session_starts: dict[str, int] = field(default_factory=dict)
+    #: offsets of each key's applied registry events (signed deployments), oldest first
+    key_events: dict[str, list[int]] = field(default_factory=dict)
 
     @classmethod
     def for_settings(cls, partition: int, settings: Settings) -> PartitionFold:
@@ -116,6 +118,8 @@ class PartitionFold:
             self.session_starts[event.session_id] = offset
         elif outcome.applied and isinstance(event, SessionFinished):
             self.session_starts.pop(event.session_id, None)
+        elif outcome.applied and isinstance(event, KeyRegistered | KeyRevoked) and self.ledger.authority:
+            self.key_events.setdefault(event.key_id, []).append(offset)
         self.next_offset = offset + 1
         return outcome
 
@@ -126,8 +130,21 @@ class PartitionFold:
 
     @property
     def replay_from(self) -> int:
-        """Where a new fold must start to rebuild every open session: its first event, or here."""
-        return min(self.session_starts.values(), default=self.next_offset)
+        """Where a new fold must start to rebuild every open session: its first event, or here.
+
+        Where events are signed, also the registry those sessions' events are judged by: a key's
+        state at a position is that of its last registry event before it, so for each key the last
+        one at or before the sessions' start is needed (``roundlog keys refresh`` restates every key,
+        which moves this point on). Offsets older than that are never needed again.
+        """
+        start = min(self.session_starts.values(), default=self.next_offset)
+        anchors = []
+        for offsets in self.key_events.values():
+            kept = [o for o in offsets if o <= start][-1:] + [o for o in offsets if o > start]
+            offsets[:] = kept
+            if kept[0] <= start:
+                anchors.append(kept[0])
+        return min([start, *anchors])
 
 
 async def read_range(
