@@ -3,7 +3,8 @@
 The audit runs the aggregator's own fold (``LogAggregation``) over the whole events
 topic from offset 0, with a sink that records the model each closed round folds to
 instead of writing it. Each ``RoundAggregated`` in the log must then name the same
-sha256 and the same folded updates, in the same order.
+sha256 and the same folded updates, in the same order. Where the deployment signs its
+events, the same fold checks every record's signature again, and the report counts them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from roundlog.codec import DecodeError
 from roundlog.config import Settings
 from roundlog.domain.events import RoundAggregated
 from roundlog.domain.round import Round
+from roundlog.domain.rules import Reason, Refusal
 from roundlog.domain.session import Session
 from roundlog.roles.aggregation import Closed, LogAggregation, Unusable
 from roundlog.roles.stream import PartitionFold, read_range
@@ -42,6 +44,18 @@ class Mismatch:
 class AuditReport:
     rounds_checked: int = 0
     mismatches: list[Mismatch] = field(default_factory=list)
+    #: records whose signature held, and those unsigned or badly signed (None: not checked)
+    signatures_verified: int | None = None
+    signatures_refused: int = 0
+
+    def render(self) -> str:
+        models = f"verified {self.rounds_checked} aggregated models: {len(self.mismatches)} mismatches"
+        if self.signatures_verified is None:
+            return f"{models}; signatures not checked (ROUNDLOG_AUTH=off)"
+        return (
+            f"{models}; {self.signatures_verified} signatures verified, "
+            f"{self.signatures_refused} records unsigned or badly signed (refused by the fold)"
+        )
 
     @property
     def ok(self) -> bool:
@@ -75,7 +89,7 @@ async def verify_models(
     log_consumer, tensor_consumer = make_consumer(settings), make_consumer(settings)
     await log_consumer.start()
     await tensor_consumer.start()
-    report = AuditReport()
+    report = AuditReport(signatures_verified=0 if settings.auth else None)
     try:
         ends = await log_consumer.end_offsets(await log_consumer.topic_partitions(topics.events))
         sink = RecordingSink()
@@ -88,6 +102,8 @@ async def verify_models(
                     fold.skip(entry.offset)
                     continue
                 outcome = await aggregation.apply(fold, entry, event)
+                if fold.ledger.authority is not None:
+                    _count_signature(report, outcome.refusal)
                 if isinstance(event, RoundAggregated) and outcome.applied:
                     report.rounds_checked += 1
                     _compare(report, event, sink.refolded.get((event.session_id, event.round_id)))
@@ -98,6 +114,14 @@ async def verify_models(
         await log_consumer.stop()
         await tensor_consumer.stop()
     return report
+
+
+def _count_signature(report: AuditReport, refusal: Refusal | None) -> None:
+    """The fold checked this record's signature before anything else: count what it found."""
+    if refusal is not None and refusal.reason in (Reason.UNSIGNED, Reason.BAD_SIGNATURE):
+        report.signatures_refused += 1
+    elif report.signatures_verified is not None:
+        report.signatures_verified += 1
 
 
 def _compare(report: AuditReport, logged_event: RoundAggregated, refolded: Refolded | Closed | None) -> None:

@@ -440,7 +440,7 @@ def replay_command(args: argparse.Namespace) -> int:
         from roundlog.audit import verify_models
 
         audit = asyncio.run(verify_models(settings))
-        print(f"verified {audit.rounds_checked} aggregated models: {len(audit.mismatches)} mismatches")
+        print(audit.render())
         for mismatch in audit.mismatches:
             print(f"  session {mismatch.session_id} round {mismatch.round_id}: {mismatch.detail}")
         ok = ok and audit.ok

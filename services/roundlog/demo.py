@@ -474,4 +474,9 @@ async def _audit(settings: Settings, console: Console) -> bool:
     console.print(f"verified {audit.rounds_checked} aggregated models by re-folding the log: {verdict}")
     for mismatch in audit.mismatches:
         console.print(f"  round {mismatch.round_id}: {mismatch.detail}")
+    if audit.signatures_verified is not None:
+        console.print(
+            f"verified {audit.signatures_verified} signatures again; {audit.signatures_refused} records "
+            "were unsigned or badly signed and refused"
+        )
     return report.identical and audit.ok

@@ -19,6 +19,7 @@ from roundlog.projections.schema import current, downgrade, recreate_schema, upg
 
 REPO = Path(__file__).resolve().parents[2]
 TABLES = {t.name for t in tables.metadata.sorted_tables}
+HEAD = "0002"
 
 
 def relations(database_url: str, schema: str = "public") -> set[str]:
@@ -42,9 +43,26 @@ def drift(database_url: str) -> list[object]:
 def test_upgrade_from_empty_builds_what_the_code_describes(database_url: str) -> None:
     assert current(database_url) is None
     upgrade(database_url)
-    assert current(database_url) == "0001"
+    assert current(database_url) == HEAD
     assert relations(database_url) == TABLES | set(tables.VIEWS) | {"alembic_version"}
     assert drift(database_url) == []
+
+
+def test_a_0001_database_with_rows_upgrades_in_place(database_url: str) -> None:
+    upgrade(database_url, revision="0001")
+    engine = sa.create_engine(database_url, poolclass=sa.NullPool)
+    insert = (
+        "INSERT INTO clients (client_id, roles, labels, last_seen) VALUES ('c', '{trainer}', '{}', now())"
+    )
+    with engine.begin() as conn:
+        conn.execute(sa.text(insert))
+    upgrade(database_url)
+    with engine.connect() as conn:
+        kept = conn.execute(sa.text("SELECT client_id, key_id FROM clients")).all()
+        authors = conn.execute(sa.text("SELECT count(*) FROM round_authors")).scalar()
+    engine.dispose()
+    assert [tuple(row) for row in kept] == [("c", None)] and authors == 0
+    assert current(database_url) == HEAD and drift(database_url) == []
 
 
 def test_downgrade_to_base_and_upgrade_again(database_url: str) -> None:
@@ -58,22 +76,22 @@ def test_downgrade_to_base_and_upgrade_again(database_url: str) -> None:
 
 def test_a_schema_of_its_own_leaves_public_alone(database_url: str) -> None:
     recreate_schema(database_url, "audit")
-    assert current(database_url, "audit") == "0001"
+    assert current(database_url, "audit") == HEAD
     assert relations(database_url, "audit") == TABLES | set(tables.VIEWS) | {"alembic_version"}
     assert relations(database_url) == set(), "nothing lands in public"
     recreate_schema(database_url, "audit")  # dropped and rebuilt: no error on the second time
-    assert current(database_url, "audit") == "0001"
+    assert current(database_url, "audit") == HEAD
 
 
 def test_cli_db_upgrade_and_downgrade(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ROUNDLOG_KAFKA_BOOTSTRAP", "127.0.0.1:1")  # db commands never contact the broker
     monkeypatch.setenv("ROUNDLOG_DATABASE_URL", database_url)
     assert main(["db", "upgrade"]) == 0
-    assert current(database_url) == "0001"
+    assert current(database_url) == HEAD
     assert main(["db", "downgrade", "--to", "base"]) == 0
     assert current(database_url) is None
     assert main(["db", "upgrade", "--schema", "elsewhere"]) == 0
-    assert current(database_url, "elsewhere") == "0001" and current(database_url) is None
+    assert current(database_url, "elsewhere") == HEAD and current(database_url) is None
 
 
 def test_migrations_run_from_an_installed_wheel(database_url: str, tmp_path: Path) -> None:
@@ -106,4 +124,4 @@ def test_migrations_run_from_an_installed_wheel(database_url: str, tmp_path: Pat
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "0001"
+    assert done.stdout.strip() == HEAD

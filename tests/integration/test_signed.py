@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from roundlog.audit import verify_models
-from roundlog.bus import Producer, Topics, make_producer
+from roundlog.bus import Producer, Topics, make_consumer, make_producer
 from roundlog.client import provision_keys, revoke_key
 from roundlog.codec import encode
 from roundlog.config import Settings
@@ -59,6 +59,15 @@ def rows(url: str, query: str, **params: Any) -> list[Any]:
             return list(conn.execute(sa.text(query), params).all())
     finally:
         engine.dispose()
+
+
+async def records_in(settings: Settings, topic: str) -> int:
+    consumer = make_consumer(settings)
+    await consumer.start()
+    try:
+        return sum((await consumer.end_offsets(await consumer.topic_partitions(topic))).values())
+    finally:
+        await consumer.stop()
 
 
 async def projected_finished(url: str, session_id: str) -> None:
@@ -211,6 +220,11 @@ async def test_forgers_move_nothing_and_a_revoked_key_is_refused_from_its_positi
     assert report.identical, report.render()
     audit = await verify_models(settings)
     assert audit.ok and audit.rounds_checked == 3, audit.mismatches
+    # every record of the events topic had its signature checked again: the forgers' unsigned and
+    # badly signed ones are the refused ones
+    unsigned = sum(reason in ("unsigned", "bad_signature") for reason, _ in forged.values())
+    assert audit.signatures_refused == unsigned
+    assert audit.signatures_verified + audit.signatures_refused == await records_in(settings, names.events)
 
 
 def _key_id(settings: Settings) -> str:

@@ -38,6 +38,19 @@ def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return compose["services"]
 
 
+#: What `docker compose` substitutes for the ``${NAME:?...}`` variables (keys made per deployment).
+VARIABLES = {"ROUNDLOG_OPERATOR_KEY": "0a" * 32, "ROUNDLOG_ROLES_KEY": "0b" * 32}
+
+
+def interpolate(text: str) -> str:
+    """A value as compose hands it over: required variables substituted, ``$$`` turned into ``$``."""
+    return re.sub(r"\$\{(\w+):\?[^}]*\}", lambda m: VARIABLES[m[1]], text).replace("$$", "$")
+
+
+def interpolated(environment: dict[str, str]) -> dict[str, str]:
+    return {name: interpolate(text) for name, text in environment.items()}
+
+
 def parse(argv: list[str]) -> object:
     try:
         return cli.build_parser().parse_args(argv)
@@ -71,10 +84,35 @@ def test_init_migrates_the_database_then_creates_the_topics(services: dict[str, 
     init = services["init"]
     assert init["entrypoint"] == ["/bin/sh", "-ec"]
     (script,) = init["command"]
+    script = interpolate(script)
     argvs = [shlex.split(part) for part in script.split("&&")]
     assert [argv[0] for argv in argvs] == ["roundlog"] * len(argvs), script
     handlers = [getattr(parse(argv[1:]), "handler", None) for argv in argvs]
-    assert handlers == [cli.db_upgrade, cli.topics_create]
+    assert handlers == [cli.db_upgrade, cli.topics_create, cli.keys_register]
+    register = parse(argvs[2][1:])
+    assert register.key_id == "$ROUNDLOG_ROLES_KEY"  # type: ignore[attr-defined]
+    assert register.role == ["coordinator", "aggregator"]  # type: ignore[attr-defined]
+    # signed by the operator key, whose id every service names
+    environment = interpolated(init["environment"])
+    assert environment["ROUNDLOG_KEY_FILE"] == "/run/secrets/operator-key"
+    assert "operator-key" in init["secrets"]
+
+
+@pytest.mark.parametrize("service", ROUNDLOG_SERVICES)
+def test_every_service_folds_signed_events_under_one_operator_key(
+    services: dict[str, dict[str, Any]], service: str
+) -> None:
+    settings = Settings.from_env(interpolated(services[service]["environment"]))
+    assert settings.auth and settings.operator_key == VARIABLES["ROUNDLOG_OPERATOR_KEY"]
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_each_role_signs_with_the_roles_key_it_is_given(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]], role: str
+) -> None:
+    settings = Settings.from_env(interpolated(services[role]["environment"]))
+    assert settings.key_file == "/run/secrets/roles-key" and "roles-key" in services[role]["secrets"]
+    assert compose["secrets"]["roles-key"]["file"] == "./keys/roles.pem"
 
 
 def test_image_runs_roundlog_as_a_non_root_user() -> None:
@@ -104,7 +142,7 @@ def test_roundlog_reaches_every_kafka_node_with_idempotent_producers(
     assert {f"PLAINTEXT://{address}" for address in bootstrap} == advertised
     assert len(bootstrap) == len(KAFKA_NODES), bootstrap
     assert environment.get("ROUNDLOG_KAFKA_IDEMPOTENCE") == "true"
-    assert Settings.from_env(environment).kafka_idempotence is True
+    assert Settings.from_env(interpolated(environment)).kafka_idempotence is True
 
 
 # --- The Kafka cluster: what compose deploys is what the tests run ----------------------------
