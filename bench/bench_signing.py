@@ -13,13 +13,13 @@ role that reads it. Against it, per event:
 
 The log: sessions of R training rounds with C assigned clients each (request, staging,
 assignment, C updates, aggregate; every other round a late update, refused by the session
-rules in both folds), the metadata mix of bench_projector.py but with the update ids the fold
-derives, so every other event is applied. Each event is signed by the key of the role that
-produces it (operator, coordinator, aggregator, one key per client), loaded from key files as
-a deployment does. Each figure is the best (and the median) of several repeats, the steps
-interleaved so they share the machine's conditions.
+rules in both folds): the metadata mix of bench_projector.py, but with the update ids the
+fold derives, so that every event but the late updates is applied. Each event is signed by
+the key of the role that produces it (operator, coordinator, aggregator, one key per client),
+loaded from key files as a deployment does. Each figure is the best (and the median) of
+several repeats, the steps interleaved so they share the machine's conditions.
 
-    .venv/bin/python bench/bench_signing.py [--events 20000] [--repeats 5]
+    .venv/bin/python bench/bench_signing.py [--events 10000] [--repeats 7]
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def session(n: int, rounds: int, clients: int) -> Iterator[tuple[KeyRole, Event]
     )
     for k in range(1, rounds + 1):
         rid = f"{sid}-r{k}"
-        ids = {"session_id": sid, "round_id": rid}
+        ids: dict[str, Any] = {"session_id": sid, "round_id": rid}
         names = tuple(client_name((n * 7 + k + i) % CLIENTS) for i in range(clients))
         yield (
             KeyRole.COORDINATOR,
@@ -259,10 +259,10 @@ def fold_all(fold: PartitionFold, records: list[Record], first: int, signed: boo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--events", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     print(describe())
 

@@ -58,6 +58,8 @@ class Script:
         self.config = config or RoundConfig(round_timeout=60, buffer_size=2)
         self._ticks = itertools.count(1)
         self._ids = itertools.count(1)
+        #: the model each round was staged with: its assignment hands that one out
+        self._staged: dict[str, str] = {}
 
     def _stamp(self) -> dict[str, object]:
         return {
@@ -95,6 +97,7 @@ class Script:
         )  # type: ignore[arg-type]
 
     def staged(self, round_id: str = "r1", model_id: str = "m0") -> ModelStaged:
+        self._staged[round_id] = model_id
         return ModelStaged(
             **self._stamp(),
             round_id=round_id,
@@ -111,8 +114,8 @@ class Script:
             client_ids=clients,
             deadline=stamp["occurred_at"] + timedelta(hours=1),  # type: ignore[operator]
             task=Task.TRAINING,
-            model_id="m0",
-            model=tensor_ref("m0"),
+            model_id=self._staged.get(round_id, "m0"),
+            model=tensor_ref(self._staged.get(round_id, "m0")),
             config=self.config,
         )  # type: ignore[arg-type]
 

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, SupportsFloat
 
+from aiokafka.structs import ConsumerRecord
+
 from roundlog.arrays import NamedArrays, sha256_of
 from roundlog.bus import (
     Producer,
@@ -42,6 +44,7 @@ from roundlog.bus import (
 from roundlog.clock import utc_now
 from roundlog.codec import decode
 from roundlog.config import Settings
+from roundlog.domain.authority import seal_problem
 from roundlog.domain.decide import round_request
 from roundlog.domain.events import (
     ClientHeartbeat,
@@ -64,6 +67,7 @@ from roundlog.domain.events import (
 )
 from roundlog.domain.validation import event_problem
 from roundlog.keys import create_key_file
+from roundlog.roles.stream import seal_of
 from roundlog.tensors import TensorReader, write_tensors
 
 log = logging.getLogger("roundlog.client")
@@ -148,14 +152,9 @@ class FederatedClient:
                     batch = await events.getmany(timeout_ms=POLL_MS)
                     for records in batch.values():
                         for record in records:
-                            event = decode(record.value or b"")
-                            if (
-                                isinstance(event, ClientsAssigned)
-                                and self.client_id in event.client_ids
-                                and event.round_id not in self._answered  # a re-emitted assignment
-                            ):
-                                self._answered.add(event.round_id)
-                                self._spawn(self._answer(producer, reader, fetching, event))
+                            if (job := self._assignment(record)) is not None:
+                                self._answered.add(job.event_id)
+                                self._spawn(self._answer(producer, reader, fetching, job))
             finally:
                 beats.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -165,6 +164,30 @@ class FederatedClient:
             await tensors.stop()
             await events.stop()
             await producer.stop()
+
+    def _assignment(self, record: ConsumerRecord[bytes, bytes]) -> ClientsAssigned | None:
+        """A new assignment of this client in ``record``, or None.
+
+        It is read before any fold judged it, so it may be forged: one whose signature does not
+        hold is dropped where events are signed, and every answer states the sha256 of the model
+        it was computed on, so an answer to a forged assignment is refused (``wrong_model``).
+        Assignments are told apart by event id, not round: a forged one answered first does not
+        keep the round's own from being answered.
+        """
+        value = record.value or b""
+        event = decode(value)
+        if not (isinstance(event, ClientsAssigned) and self.client_id in event.client_ids):
+            return None
+        if event.event_id in self._answered:  # a re-emitted assignment
+            return None
+        if self.settings.auth and seal_problem(seal_of(record.headers, value)) is not None:
+            log.warning(
+                "%s: ignoring an assignment of round %s with no valid signature",
+                self.client_id,
+                event.round_id,
+            )
+            return None
+        return event
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task: asyncio.Task[None] = asyncio.create_task(work)
@@ -209,6 +232,9 @@ class FederatedClient:
         return functions[task]
 
     async def _result(self, producer: Producer, job: ClientsAssigned, model: NamedArrays) -> Event:
+        """The answer to ``job``, stating the sha256 of the model it was computed on (the reader
+        checked the bytes against it), so an answer to a forged assignment cannot pass for one to
+        the round's own."""
         ids: dict[str, Any] = {
             "event_id": submission_event_id(job.round_id, self.client_id, job.task),
             "session_id": job.session_id,
@@ -229,6 +255,7 @@ class FederatedClient:
                 num_examples=int(num_examples),
                 metrics=_floats(metrics),
                 tensor=ref,
+                base_model_sha256=job.model.sha256,
             )
         if job.task == Task.VALIDATION:
             assert self._validate is not None
@@ -239,11 +266,17 @@ class FederatedClient:
                 model_id=job.model_id,
                 num_examples=int(num_examples),
                 metrics=_floats(metrics),
+                model_sha256=job.model.sha256,
             )
         assert self._predict is not None
         summary, metrics = await asyncio.to_thread(self._predict, model, job.config)
         return PredictionReceived(
-            **ids, occurred_at=utc_now(), model_id=job.model_id, summary=summary, metrics=_floats(metrics)
+            **ids,
+            occurred_at=utc_now(),
+            model_id=job.model_id,
+            summary=summary,
+            metrics=_floats(metrics),
+            model_sha256=job.model.sha256,
         )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
@@ -12,7 +13,7 @@ from roundlog.domain.ledger import Ledger
 from roundlog.domain.round import ROUND_RULES, RoundState
 from roundlog.domain.rules import Reason
 
-from tests.builders import Script, uid
+from tests.builders import Script, tensor_ref, uid
 
 S = RoundState
 Setup = Callable[[Script], list[Event]]
@@ -88,6 +89,18 @@ CASES: list[tuple[str, str, Step, S | Reason]] = [
     ("requested", "a prediction arrives", lambda s: s.prediction("a"), Reason.EARLY),
     ("requested", "the deadline passes", lambda s: s.timed_out(), Reason.ILLEGAL),
     ("staged", "clients are assigned", lambda s: s.assigned(), S.COLLECTING),
+    (
+        "staged",
+        "an assignment hands out other bytes under the staged model's id",
+        lambda s: replace(s.assigned(), model=replace(tensor_ref("m0"), sha256="f" * 64)),
+        Reason.WRONG_MODEL,
+    ),
+    (
+        "staged",
+        "an assignment hands out another model",
+        lambda s: replace(s.assigned(), model_id="m9", model=tensor_ref("m9")),
+        Reason.WRONG_MODEL,
+    ),
     (
         "staged",
         "no client is assigned",
@@ -231,6 +244,30 @@ CASES: list[tuple[str, str, Step, S | Reason]] = [
         Reason.WRONG_MODEL,
     ),
     ("closed", "the deadline passes", lambda s: s.timed_out(), Reason.STALE),
+    (
+        "collecting",
+        "an update says it was trained from the staged model",
+        lambda s: replace(s.update("a"), base_model_sha256="0" * 64),
+        S.COLLECTING,
+    ),
+    (
+        "collecting",
+        "an update was trained from other bytes (a forged assignment's)",
+        lambda s: replace(s.update("a"), base_model_sha256="f" * 64),
+        Reason.WRONG_MODEL,
+    ),
+    (
+        "validating",
+        "a result was computed on other bytes",
+        lambda s: replace(s.validation("a"), model_sha256="f" * 64),
+        Reason.WRONG_MODEL,
+    ),
+    (
+        "predicting",
+        "a prediction was computed on other bytes",
+        lambda s: replace(s.prediction("a"), model_sha256="f" * 64),
+        Reason.WRONG_MODEL,
+    ),
     (
         "closed",
         "aggregation fails",

@@ -160,6 +160,9 @@ class UpdateReceived:
     num_examples: int
     metrics: Mapping[str, float] = field(default_factory=dict)
     tensor: TensorRef
+    #: the sha256 of the model the update was trained from ("" not stated): a forged assignment's
+    #: model cannot pass for the round's
+    base_model_sha256: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -186,6 +189,8 @@ class ValidationReceived:
     model_id: str
     num_examples: int
     metrics: Mapping[str, float] = field(default_factory=dict)
+    #: the sha256 of the model validated ("" not stated)
+    model_sha256: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -198,6 +203,8 @@ class PredictionReceived:
     model_id: str
     summary: str = ""
     metrics: Mapping[str, float] = field(default_factory=dict)
+    #: the sha256 of the model predicted with ("" not stated)
+    model_sha256: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -76,6 +76,8 @@ class Round:
     aggregated: RoundAggregated | None = None
     fail_reason: str = ""
     changed_at: dict[RoundState, datetime] = field(default_factory=dict)
+    #: sha256 of the staged base model: what assignments hand out and results must be computed on
+    model_sha256: str = ""
     #: the event that ended the collection (the update that filled the buffer, a timeout, ...)
     closed_by: str = ""
 
@@ -124,6 +126,25 @@ class Round:
 def _model_matches(r: Round, e: ModelStaged) -> Refusal | None:
     if e.model_id != r.base_model_id:
         return Refusal(Reason.WRONG_MODEL, f"staged {e.model_id}, round is on {r.base_model_id}")
+    return None
+
+
+def _hands_out_staged_model(r: Round, e: ClientsAssigned) -> Refusal | None:
+    if e.model_id != r.base_model_id or e.model.sha256 != r.model_sha256:
+        return Refusal(
+            Reason.WRONG_MODEL,
+            f"assigns {e.model_id} (sha256 {e.model.sha256[:12]}), round staged {r.base_model_id} "
+            f"(sha256 {r.model_sha256[:12]})",
+        )
+    return None
+
+
+def _trained_on_round_model(r: Round, e: UpdateReceived) -> Refusal | None:
+    if e.base_model_sha256 and e.base_model_sha256 != r.model_sha256:
+        return Refusal(
+            Reason.WRONG_MODEL,
+            f"trained from model sha256 {e.base_model_sha256[:12]}, round staged {r.model_sha256[:12]}",
+        )
     return None
 
 
@@ -179,10 +200,11 @@ def _first_from_client(r: Round, e: UpdateReceived | Result) -> Refusal | None:
 
 
 def _on_round_model(r: Round, e: Result) -> Refusal | None:
-    if e.model_id != r.base_model_id:
+    if e.model_id != r.base_model_id or (e.model_sha256 and e.model_sha256 != r.model_sha256):
         return Refusal(
             Reason.WRONG_MODEL,
-            f"result for {e.model_id}, round is on {r.base_model_id}",
+            f"result for {e.model_id} (sha256 {e.model_sha256[:12] or 'not stated'}), round is on "
+            f"{r.base_model_id} (sha256 {r.model_sha256[:12]})",
         )
     return None
 
@@ -214,6 +236,10 @@ def _rejectable(r: Round, e: UpdateRejected) -> Refusal | None:
 
 
 # --- effects ------------------------------------------------------------------------------------
+
+
+def _stage(r: Round, e: ModelStaged) -> None:
+    r.model_sha256 = e.sha256
 
 
 def _assign(r: Round, e: ClientsAssigned) -> None:
@@ -304,12 +330,12 @@ def _receive(
 
 
 ROUND_RULES: tuple[Rule[RoundState], ...] = (
-    Rule(S.REQUESTED, ModelStaged, guards=(_model_matches,), branches=(Branch(S.STAGED),)),
+    Rule(S.REQUESTED, ModelStaged, guards=(_model_matches,), effect=_stage, branches=(Branch(S.STAGED),)),
     Rule(S.REQUESTED, RoundFailed, effect=_record_failure, branches=(Branch(S.FAILED),)),
     Rule(
         S.STAGED,
         ClientsAssigned,
-        guards=(_enough_clients,),
+        guards=(_hands_out_staged_model, _enough_clients),
         effect=_assign,
         branches=(Branch(S.COLLECTING),),
     ),
@@ -317,7 +343,7 @@ ROUND_RULES: tuple[Rule[RoundState], ...] = (
     _receive(
         UpdateReceived,
         Task.TRAINING,
-        (_first_from_client, _own_update_id, _weight_allowed),
+        (_first_from_client, _own_update_id, _trained_on_round_model, _weight_allowed),
         _accept_update,
         _buffer_full,
         "buffer full",
