@@ -8,13 +8,14 @@ offset. Chunks stream out one by one: a blob is never held whole by the reader.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 
 import numpy as np
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from roundlog.arrays import NamedArrays, Reassembler, StreamError, raw_chunks, sha256_of, specs_of
+from roundlog.arrays import NamedArrays, Reassembler, StreamError, raw_chunks, sha256_of, specs_of, wire_dtype
 from roundlog.bus import TENSOR_CHUNK_BYTES, Consumer
 from roundlog.domain.events import ArraySpec, TensorRef
 from roundlog.domain.validation import tensor_ref_problem
@@ -87,6 +88,13 @@ async def read_chunks(consumer: Consumer, topic: str, ref: TensorRef) -> AsyncIt
     waited, checks = 0.0, list(PAST_END_CHECKS_S)
     while position <= ref.last_offset:
         records = (await consumer.getmany(tp, timeout_ms=POLL_MS, max_records=64)).get(tp, [])
+        if records and records[0].offset < position:
+            # The broker called our offset out of range and the consumer reset to the start. A new
+            # leader says so while its high watermark catches up, so this is a miss like any
+            # other: go back, wait a poll, and let the end-offset checks decide.
+            consumer.seek(tp, position)
+            records = []
+            await asyncio.sleep(POLL_MS / 1000)
         if not records:
             waited += POLL_MS / 1000
             known = consumer.partitions_for_topic(topic)  # metadata of the assigned topic, after a poll
@@ -109,8 +117,6 @@ async def read_chunks(consumer: Consumer, topic: str, ref: TensorRef) -> AsyncIt
                 raise StreamError("incomplete", f"tensors of {ref.key}: no record at offset {position}")
             continue
         waited = 0.0
-        if records[0].offset < position:  # the consumer reset its position: ours was out of range
-            raise StreamError("incomplete", f"tensors of {ref.key}: offset {position} is out of range")
         for record in records:
             position = record.offset + 1
             if record.offset > ref.last_offset:
@@ -153,7 +159,7 @@ def check_layout(ref: TensorRef, expected: Sequence[ArraySpec]) -> None:
             raise StreamError(
                 "shape_mismatch", f"{got.name}{list(got.shape)}, expected {want.name}{list(want.shape)}"
             )
-        if got.dtype != want.dtype:
+        if wire_dtype(got.dtype) != wire_dtype(want.dtype):
             raise StreamError("dtype_mismatch", f"{got.name} is {got.dtype}, expected {want.dtype}")
 
 
@@ -161,7 +167,7 @@ async def read_tensors(consumer: Consumer, topic: str, ref: TensorRef) -> NamedA
     """The whole blob as arrays, hash-checked: for export and staging, not for folding."""
     reassembler = Reassembler(ref.arrays)
     try:
-        arrays = [np.empty(spec.shape, dtype=np.dtype(spec.dtype)) for spec in ref.arrays]
+        arrays = [np.empty(spec.shape, dtype=wire_dtype(spec.dtype)) for spec in ref.arrays]
     except MemoryError:
         raise StreamError(
             "too_large", f"tensors of {ref.key}: {ref.nbytes} bytes do not fit in memory"
