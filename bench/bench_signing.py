@@ -239,7 +239,7 @@ def fold_setup(rule: Settings, registry: list[Record], signed: bool) -> Callable
     """A fresh fold of partition 0 with the registry already folded (not timed)."""
 
     def setup() -> PartitionFold:
-        fold = PartitionFold.for_settings(0, rule)
+        fold = PartitionFold.for_settings(0, None, rule)
         for offset, (event, logged_at, seal) in enumerate(registry):
             outcome = fold.apply(offset, event, logged_at, seal if signed else None)
             assert outcome.applied, outcome.refusal

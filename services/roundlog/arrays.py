@@ -124,13 +124,43 @@ class _Layout:
     count: int
 
 
+#: The number types a stream may carry, as numpy's little-endian type strings: the spelling
+#: roundlog writes. Bytes on the wire are always little-endian whatever the spelling.
+WIRE_DTYPES = (
+    "|b1", "|i1", "<i2", "<i4", "<i8", "|u1", "<u2", "<u4", "<u8",
+    "<f2", "<f4", "<f8", "<c8", "<c16",
+)  # fmt: skip
+
+
+def _spellings() -> dict[str, np.dtype[Any]]:
+    """Each dtype answers to its type string, the string without its byte-order mark and its
+    name: ``<f4``, ``f4`` and ``float32`` are one dtype; big-endian (``>f4``) is none."""
+    table: dict[str, np.dtype[Any]] = {}
+    for typestr in WIRE_DTYPES:
+        dtype = np.dtype(typestr)
+        table.update({typestr: dtype, typestr[1:]: dtype, dtype.name: dtype})
+    return table
+
+
+DTYPE_SPELLINGS = _spellings()
+
+
+def wire_dtype(spelling: str) -> np.dtype[Any]:
+    """The little-endian dtype a TensorRef's ``dtype`` names: compare dtypes, never spellings."""
+    try:
+        return DTYPE_SPELLINGS[spelling]
+    except KeyError:
+        raise StreamError(
+            "dtype_mismatch",
+            f"unknown dtype {spelling!r}: one of {', '.join(WIRE_DTYPES)} (or its name, e.g. float32)",
+        ) from None
+
+
 def _layout(spec: ArraySpec) -> _Layout:
     try:
-        dtype = np.dtype(spec.dtype)
-    except (TypeError, ValueError) as exc:
-        raise StreamError("dtype_mismatch", f"{spec.name}: unknown dtype {spec.dtype!r}") from exc
-    if dtype.kind not in STREAMABLE_KINDS or dtype.fields is not None or dtype.byteorder == ">":
-        raise StreamError("dtype_mismatch", f"{spec.name}: {spec.dtype!r} is not a little-endian number type")
+        dtype = wire_dtype(spec.dtype)
+    except StreamError as exc:
+        raise StreamError("dtype_mismatch", f"{spec.name}: {exc.detail}") from None
     if any(d < 0 for d in spec.shape):
         raise StreamError("shape_mismatch", f"{spec.name}: negative dimension in {list(spec.shape)}")
     return _Layout(dtype=dtype, count=math.prod(spec.shape))

@@ -95,7 +95,7 @@ async def verify_models(
         sink = RecordingSink()
         aggregation = LogAggregation(TensorReader(tensor_consumer, topics.tensors), sink)
         for done, (tp, end) in enumerate(sorted(ends.items()), start=1):
-            fold = PartitionFold.for_settings(tp.partition, settings)
+            fold = PartitionFold.for_settings(tp.partition, len(ends), settings)
             async for entry in read_range(log_consumer, topics.events, tp.partition, 0, end):
                 event = entry.decoded
                 if isinstance(event, DecodeError):

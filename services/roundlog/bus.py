@@ -10,6 +10,7 @@ carry one tensor chunk plus its key and headers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, for_code
+from aiokafka.partitioner import murmur2
 
 from roundlog.codec import encode
 from roundlog.config import ConfigError, Settings
@@ -108,6 +110,14 @@ async def create_topics(settings: Settings) -> dict[str, bool]:
         return created
     finally:
         await admin.close()
+
+
+@functools.lru_cache(maxsize=65536)
+def partition_for(key: str, partitions: int) -> int:
+    """The partition Kafka's default partitioner gives a key (Java's, aiokafka's): the murmur2 hash
+    of its UTF-8 bytes, sign bit cleared, modulo the partition count. Other clients' defaults
+    (librdkafka's, Go's) hash differently, so a producer outside roundlog states the partition."""
+    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
 
 
 class Producer(AIOKafkaProducer):

@@ -143,7 +143,7 @@ async def fold_log(settings: Settings, topics: Topics) -> list[tuple[Event, Outc
         ends = await consumer.end_offsets(await consumer.topic_partitions(topics.events))
         folded = []
         for tp, end in ends.items():
-            fold = PartitionFold.for_settings(tp.partition, settings)
+            fold = PartitionFold.for_settings(tp.partition, len(ends), settings)
             async for e in read_range(consumer, topics.events, tp.partition, 0, end):
                 if not isinstance(e.decoded, DecodeError):
                     folded.append((e.decoded, fold.apply(e.offset, e.decoded, e.logged_at, e.seal)))

@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.partitioner import murmur2
 from fastavro import parse_schema, schemaless_writer
 from fastavro.schema import to_parsing_canonical_form
 
-from roundlog.bus import Topics
+from roundlog.bus import Topics, make_producer
+from roundlog.codec import encode
 from roundlog.config import Settings
 
 from tests.builders import Script
@@ -178,3 +180,45 @@ async def test_events_from_a_plain_avro_library_appear_in_the_tables(
         ("far", ["validator"], {"zone": "x"}, at)
     ]
     assert await query(settings, "SELECT count(*) FROM rejected_events") == [(0,)]
+
+
+async def test_an_event_on_another_partition_than_its_sessions_is_kept_aside_against_its_session(
+    topics: tuple[Settings, Topics], database_url: str
+) -> None:
+    """A producer that places by another hash than Kafka's murmur2 is told so, and its event sent
+    again where it belongs counts once: the tables agree with each other."""
+    settings, names = prepared(topics, database_url)
+    s = Script("s1")
+    await produce(
+        settings, records_of(names, [s.started(), s.requested(), s.staged(), s.assigned(clients=("a",))])
+    )
+    update = s.update("a")
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        count = len(await producer.partitions_for(names.events))
+        home = (murmur2(b"s1") & 0x7FFFFFFF) % count  # Kafka's rule, by hand
+        elsewhere = (home + 1) % count
+        await producer.send_and_wait(names.events, encode(update), key=b"s1", partition=elsewhere)
+    finally:
+        await producer.stop()
+    await produce(settings, records_of(names, [update]))  # the same event, on its session's partition
+    await project(settings, names)
+
+    (rejected,) = await query(
+        settings,
+        "SELECT partition, reason, detail, session_id, round_id, event_id, type FROM rejected_events",
+    )
+    assert rejected[:2] == (elsewhere, "wrong_partition")
+    assert f"partition {home} of {count}, not {elsewhere}" in rejected[2]
+    assert rejected[3:] == ("s1", "r1", update.event_id, "UpdateReceived")
+    assert await query(settings, "SELECT status, reject_reason FROM round_updates") == [("accepted", None)]
+    assert await query(
+        settings, "SELECT partition, outcome FROM events WHERE event_id = %s", update.event_id
+    ) == [(home, "applied")]
+    assert await query(settings, "SELECT n_received FROM rounds") == [(1,)]
+    assert await query(
+        settings, "SELECT n_updates, n_accepted, n_rejected FROM client_participation WHERE client_id = 'a'"
+    ) == [(1, 1, 0)]
+    dead = await dead_letters(settings, names.deadletter, 1)
+    assert dead == [(encode(update), "wrong_partition")]

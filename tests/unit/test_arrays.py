@@ -18,7 +18,8 @@ from roundlog.arrays import (
     sha256_of,
     specs_of,
 )
-from roundlog.domain.events import ArraySpec
+from roundlog.domain.events import ArraySpec, TensorRef
+from roundlog.tensors import check_layout
 
 DTYPES = ("<f4", ">f4", "<f8", "<f2", "<i4", ">i8", "|u1", "|b1", "<c8")
 
@@ -190,3 +191,45 @@ def test_specs_a_stream_cannot_carry_are_rejected(spec: ArraySpec, reason: str) 
     with pytest.raises(StreamError) as error:
         Reassembler([spec])
     assert error.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    ("update", "model", "same"),
+    [
+        ("float32", "<f4", True),
+        ("f4", "<f4", True),
+        ("<f4", "float32", True),
+        ("uint8", "|u1", True),
+        ("bool", "|b1", True),
+        ("float64", "<f4", False),
+        ("int32", "<f4", False),
+        ("<i8", "<u8", False),
+    ],
+)
+def test_an_update_matches_the_model_by_dtype_not_by_its_spelling(
+    update: str, model: str, same: bool
+) -> None:
+    """A client that writes ``float32`` where roundlog wrote ``<f4`` sent the same bytes."""
+    got = ref_with(update)
+    want = ref_with(model)
+    if same:
+        check_layout(got, want.arrays)
+    else:
+        with pytest.raises(StreamError) as error:
+            check_layout(got, want.arrays)
+        assert error.value.reason == "dtype_mismatch"
+
+
+def ref_with(dtype: str) -> TensorRef:
+    spec = ArraySpec(name="w", dtype=dtype, shape=(3,))
+    return TensorRef(
+        key="k", partition=0, first_offset=0, last_offset=0, chunks=1, nbytes=0, sha256="", arrays=(spec,)
+    )
+
+
+@pytest.mark.parametrize("spelling", ["float32", "f4", "<f4"])
+def test_every_spelling_of_a_dtype_reads_the_same_little_endian_values(spelling: str) -> None:
+    values = np.array([1.5, -2.0, 3.25], dtype="<f4")
+    reassembler = Reassembler([ArraySpec(name="w", dtype=spelling, shape=(3,))])
+    (piece,) = reassembler.feed(values.tobytes())
+    assert piece.values.dtype.str == "<f4" and np.array_equal(piece.values, values)

@@ -30,6 +30,7 @@ class Reason(enum.StrEnum):
     WRONG_MODEL = "wrong_model"
     TOO_FEW_CLIENTS = "too_few_clients"
     UNKNOWN_SESSION = "unknown_session"
+    WRONG_PARTITION = "wrong_partition"
     SESSION_FINISHED = "session_finished"
     UNKNOWN_ROUND = "unknown_round"
     UNKNOWN_UPDATE = "unknown_update"

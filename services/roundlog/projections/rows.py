@@ -358,6 +358,13 @@ class BatchRows:
 
     def folded(self, item: Folded) -> None:
         event, outcome, refusal = item.event, item.outcome, item.outcome.refusal
+        if refusal is not None and refusal.reason == Reason.WRONG_PARTITION:
+            # Kept aside like a record on the wrong topic, against its session: it does not claim
+            # its event id, so the same event sent again to its session's partition projects as news.
+            self.rejections.append(
+                Rejection(self.events_topic, item.entry, refusal.reason.value, refusal.detail, event)
+            )
+            return
         if refusal is not None and (
             refusal.reason == Reason.DUPLICATE_EVENT or event.event_id in self.seen_event_ids
         ):

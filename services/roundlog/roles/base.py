@@ -143,7 +143,8 @@ class FoldingRole(ConsumerRebalanceListener):
         """Re-fold a new partition from its replay point to its end, then let the role resume."""
         start = await self.consumer.committed(tp) or 0
         end = (await self.consumer.end_offsets([tp]))[tp]
-        fold = PartitionFold.for_settings(tp.partition, self.settings)
+        partitions = len(await self.reader_consumer.topic_partitions(self.topics.events))
+        fold = PartitionFold.for_settings(tp.partition, partitions, self.settings)
         await refold(self.reader_consumer, self.topics.events, fold, start, end)
         self.folds[tp.partition] = fold
         await self.resume(fold)

@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.structs import ConsumerRecord
 
 from roundlog import observability as obs
-from roundlog.bus import Topics, make_consumer, make_producer
+from roundlog.bus import Consumer, Topics, make_consumer, make_producer
 from roundlog.codec import DecodeError
 from roundlog.config import Settings
 from roundlog.domain.authority import seal_problem
@@ -108,7 +108,7 @@ class Projector:
         self,
         settings: Settings,
         db: writer.Database,
-        reader: AIOKafkaConsumer,
+        reader: Consumer,
         producer: AIOKafkaProducer | None,
         name: str,
     ) -> None:
@@ -241,9 +241,10 @@ class Projector:
                 for tp in wanted
                 if tp.topic == self.topics.events
             }
+        count = len(await self.reader.topic_partitions(self.topics.events))
         for tp in wanted:
             mark = marks[(tp.topic, tp.partition)]
-            fold = PartitionFold.for_settings(tp.partition, self.settings)
+            fold = PartitionFold.for_settings(tp.partition, count, self.settings)
             if tp.topic == self.topics.events:
                 # Sessions that finished before the replay point are not re-folded: the table knows them.
                 fold.ledger.finished |= finished[tp.partition]

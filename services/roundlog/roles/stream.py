@@ -15,11 +15,22 @@ from datetime import UTC, datetime, timedelta
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
+from roundlog.bus import partition_for
 from roundlog.codec import DecodeError, decode
 from roundlog.config import Settings
 from roundlog.domain.authority import KEY_HEADER, SIGNATURE_HEADER, Authority, Seal
-from roundlog.domain.events import Event, KeyRegistered, KeyRevoked, SessionFinished, SessionStarted
+from roundlog.domain.events import (
+    ClientHeartbeat,
+    Event,
+    KeyRegistered,
+    KeyRevoked,
+    ModelImported,
+    SessionFinished,
+    SessionStarted,
+    partition_key,
+)
 from roundlog.domain.ledger import Ledger
+from roundlog.domain.rules import Reason, Refusal
 from roundlog.domain.session import Outcome
 
 #: How many leading bytes of an undecodable record are kept for the rejected_events table.
@@ -92,12 +103,32 @@ class UnhandledRecord(RuntimeError):
         )
 
 
+def placement_refusal(event: Event, partition: int, partitions: int) -> Refusal | None:
+    """A session's events fold on its partition alone: one found elsewhere is refused as such,
+    not as news of a session that partition never saw. Registry events (copied to every
+    partition), imports and heartbeats belong to no session."""
+    if isinstance(event, ClientHeartbeat | ModelImported | KeyRegistered | KeyRevoked):
+        return None
+    key = partition_key(event)
+    expected = partition_for(key, partitions)
+    if expected == partition:
+        return None
+    return Refusal(
+        Reason.WRONG_PARTITION,
+        f"session {key} is on partition {expected} of {partitions}, not {partition}: "
+        "key the record by session_id and place it with murmur2 (docs/protocol.md)",
+    )
+
+
 @dataclass
 class PartitionFold:
     """The ledger of one partition, and the offsets a restart needs."""
 
     partition: int
     ledger: Ledger = field(default_factory=Ledger)
+    #: the events topic's partition count, to refuse events of another partition's sessions;
+    #: None folds every event as if it were in place (a log read without its topic)
+    partitions: int | None = None
     next_offset: int = 0
     #: offset of each open session's SessionStarted
     session_starts: dict[str, int] = field(default_factory=dict)
@@ -105,14 +136,20 @@ class PartitionFold:
     key_events: dict[str, list[int]] = field(default_factory=dict)
 
     @classmethod
-    def for_settings(cls, partition: int, settings: Settings) -> PartitionFold:
-        """A fresh fold that enforces signatures when the deployment signs (``ROUNDLOG_AUTH``)."""
+    def for_settings(cls, partition: int, partitions: int | None, settings: Settings) -> PartitionFold:
+        """A fresh fold of one of the topic's ``partitions`` that enforces signatures when the
+        deployment signs (``ROUNDLOG_AUTH``)."""
         authority = Authority(settings.operator_key) if settings.operator_key and settings.auth else None
-        return cls(partition, Ledger(authority=authority))
+        return cls(partition, Ledger(authority=authority), partitions)
 
     def apply(
         self, offset: int, event: Event, logged_at: datetime | None = None, seal: Seal | None = None
     ) -> Outcome:
+        self.next_offset = offset + 1
+        if self.partitions is not None and (
+            misplaced := placement_refusal(event, self.partition, self.partitions)
+        ):
+            return Outcome(misplaced)
         outcome = self.ledger.apply(event, logged_at, seal)
         if outcome.applied and isinstance(event, SessionStarted):
             self.session_starts[event.session_id] = offset
@@ -120,7 +157,6 @@ class PartitionFold:
             self.session_starts.pop(event.session_id, None)
         elif outcome.applied and isinstance(event, KeyRegistered | KeyRevoked) and self.ledger.authority:
             self.key_events.setdefault(event.key_id, []).append(offset)
-        self.next_offset = offset + 1
         return outcome
 
     def skip(self, offset: int) -> None:
