@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp
 
-.PHONY: venv test test-kafka lint fmt demo clean
+.PHONY: venv test test-python test-clients test-java test-ts test-polyglot test-kafka lint fmt demo clean
 
 venv: $(STAMP)
 
@@ -19,8 +19,32 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# pytest and the other languages' client tests run side by side (output kept per target).
 test: lint
+	$(MAKE) --no-print-directory -j3 -Otarget test-python test-java test-ts
+
+test-python: venv
 	$(BIN)/pytest -q -p no:cacheprovider
+
+test-clients: test-java test-ts
+
+# The Java and TypeScript clients' own tests (the shared vectors, encoding, placement, signing,
+# tensors), wherever their toolchain is installed; CI (CI set) has them and must run them.
+test-java:
+	@if command -v mvn >/dev/null && command -v java >/dev/null; then \
+		cd clients/java && mvn -B -q test; \
+	elif [ -n "$$CI" ]; then echo "test-java: CI needs java and mvn" >&2; exit 1; \
+	else echo "test-java: skipped, java and mvn are not on PATH"; fi
+
+test-ts:
+	@if command -v npm >/dev/null && command -v node >/dev/null; then \
+		cd clients/typescript && npm ci --no-audit --no-fund --loglevel=error && npm test; \
+	elif [ -n "$$CI" ]; then echo "test-ts: CI needs node and npm" >&2; exit 1; \
+	else echo "test-ts: skipped, node and npm are not on PATH"; fi
+
+# One session served by Python, Java and TypeScript clients at once (builds both clients).
+test-polyglot: venv
+	$(BIN)/pytest -q -p no:cacheprovider tests/polyglot
 
 # The same integration tests on a 3-node Apache Kafka cluster (`roundlog up --broker kafka`,
 # which needs java and mvn), then the broker-fault tests, each on a cluster of its own.
@@ -37,4 +61,5 @@ demo: venv
 
 clean:
 	rm -rf $(VENV) build dist services/*.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf clients/java/target clients/typescript/node_modules clients/typescript/dist
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -24,7 +24,7 @@ KILLS = 5
 
 
 def spawn(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, **settings.env()}
+    env = {**os.environ, **settings.env(), "ROUNDLOG_METRICS_PORT": "0"}  # any free port
     with log.open("ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "roundlog", "-v", "serve", "--role", "projector"],
