@@ -61,5 +61,5 @@ demo: venv
 
 clean:
 	rm -rf $(VENV) build dist services/*.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis
-	rm -rf clients/java/target clients/typescript/node_modules clients/typescript/dist
+	rm -rf clients/java/target clients/typescript/node_modules clients/typescript/dist clients/typescript/build-test
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
