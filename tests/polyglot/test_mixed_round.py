@@ -142,6 +142,7 @@ async def test_python_java_and_typescript_clients_serve_one_session(
     try:
         np.savez(tmp_path / "initial.npz", **dict(initial_model()))
         model_id = cli(signed.operator, "model", "import", str(tmp_path / "initial.npz")).split()[-1]
+        await caught_up(settings, names)  # the CLI finds the model in the projections
         session_id = cli(
             signed.operator,
             "session", "start", "--model", model_id, "--rounds", str(ROUNDS), "--validate-each-round",
