@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from datetime import UTC, datetime, timedelta
 
@@ -21,6 +22,7 @@ from roundlog.domain.events import (
     RoundTimedOut,
     SessionFinished,
     SessionStarted,
+    ShardAggregated,
     Task,
     TensorRef,
     UpdateReceived,
@@ -119,7 +121,10 @@ class Script:
             config=self.config,
         )  # type: ignore[arg-type]
 
-    def update(self, client: str, round_id: str = "r1", update_id: str | None = None) -> UpdateReceived:
+    def update(
+        self, client: str, round_id: str = "r1", update_id: str | None = None, partition: int = 0
+    ) -> UpdateReceived:
+        """``partition``: the tensors partition its chunks are on, which decides its shard."""
         update_id = update_id or uid(client, round_id)
         return UpdateReceived(
             **self._stamp(),
@@ -127,7 +132,20 @@ class Script:
             client_id=client,
             update_id=update_id,
             num_examples=10,
-            tensor=tensor_ref(update_id),
+            tensor=dataclasses.replace(tensor_ref(update_id), partition=partition),
+        )  # type: ignore[arg-type]
+
+    def partial(
+        self, shard: int, shards: int, update_ids: tuple[str, ...], round_id: str = "r1"
+    ) -> ShardAggregated:
+        return ShardAggregated(
+            **self._stamp(),
+            round_id=round_id,
+            shard=shard,
+            shards=shards,
+            update_ids=update_ids,
+            total_weight=10.0 * len(update_ids),
+            partial=tensor_ref(f"{round_id}-shard-{shard}"),
         )  # type: ignore[arg-type]
 
     def rejected(self, client: str, round_id: str = "r1", reason: str = "non_finite") -> UpdateRejected:

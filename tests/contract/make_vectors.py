@@ -45,6 +45,7 @@ from roundlog.domain.events import (
     RoundTimedOut,
     SessionFinished,
     SessionStarted,
+    ShardAggregated,
     Task,
     TensorRef,
     UpdateReceived,
@@ -112,6 +113,7 @@ def sample_events() -> list[Event]:
         aggregator_kwargs='{"eta": 0.1}',
         max_num_examples=50000,
         max_weight_share=0.75,
+        shards=2,
     )
     model = tensor_ref(MODEL)
     update_id = update_id_for(ROUND, CLIENT)
@@ -206,6 +208,15 @@ def sample_events() -> list[Event]:
             total_weight=640.0,
             time_model_load=0.5,
             time_aggregation=0.0625,
+            **ids,
+        ),
+        ShardAggregated(
+            event_id=derived_id(ROUND, "shard", "1"),
+            shard=1,
+            shards=2,
+            update_ids=(update_id,),
+            total_weight=640.0,
+            partial=tensor_ref(derived_id(ROUND, "shard", "1"), first_offset=80),
             **ids,
         ),
         RoundFailed(

@@ -24,6 +24,11 @@ def _collecting(s: Script, task: Task = Task.TRAINING, **config: object) -> list
     return [s.started(), s.requested(task=task, **config), s.staged(), s.assigned()]
 
 
+def _sharded(s: Script) -> list[Event]:
+    """A closed round of 2 shards: a's chunks on tensors partition 0 (shard 0), b's on 3 (shard 1)."""
+    return [*_collecting(s, shards=2), s.update("a", partition=0), s.update("b", partition=3)]
+
+
 SETUPS: dict[str, Setup] = {
     "requested": lambda s: [s.started(), s.requested()],
     "staged": lambda s: [s.started(), s.requested(), s.staged()],
@@ -52,6 +57,13 @@ SETUPS: dict[str, Setup] = {
         s.update("b"),
         s.aggregated(update_ids=(uid("a"), uid("b"))),
     ],
+    "closed, 2 shards": lambda s: _sharded(s),
+    "closed, 2 shards, shard 0 reported": lambda s: [*_sharded(s), s.partial(0, 2, (uid("a"),))],
+    "closed, 2 shards, both reported": lambda s: [
+        *_sharded(s),
+        s.partial(0, 2, (uid("a"),)),
+        s.partial(1, 2, (uid("b"),)),
+    ],
     "failed": lambda s: [s.started(), s.requested(), s.failed()],
     "validating": lambda s: _collecting(s, Task.VALIDATION),
     "validating, a+b reported": lambda s: [
@@ -70,6 +82,65 @@ SETUPS: dict[str, Setup] = {
 
 # (given, when, then: the state after, or the refusal's reason)
 CASES: list[tuple[str, str, Step, S | Reason]] = [
+    ("closed, 2 shards", "shard 0 reports its update", lambda s: s.partial(0, 2, (uid("a"),)), S.CLOSED),
+    ("closed, 2 shards", "an empty shard's partial", lambda s: s.partial(1, 2, (uid("b"),)), S.CLOSED),
+    (
+        "closed, 2 shards",
+        "a shard reports another shard's update",
+        lambda s: s.partial(0, 2, (uid("a"), uid("b"))),
+        Reason.UNKNOWN_UPDATE,
+    ),
+    (
+        "closed, 2 shards",
+        "a shard leaves its update out",
+        lambda s: s.partial(0, 2, ()),
+        Reason.UNKNOWN_UPDATE,
+    ),
+    ("closed, 2 shards", "a shard beyond its own count", lambda s: s.partial(2, 2, ()), Reason.INVALID_FIELD),
+    ("closed, 2 shards", "a partial of another shard count", lambda s: s.partial(0, 3, ()), Reason.ILLEGAL),
+    ("closed", "a partial in an unsharded round", lambda s: s.partial(0, 1, (uid("a"),)), Reason.ILLEGAL),
+    (
+        "closed, 2 shards, shard 0 reported",
+        "shard 0 reports again",
+        lambda s: s.partial(0, 2, (uid("a"),)),
+        Reason.DUPLICATE,
+    ),
+    (
+        "closed, 2 shards, shard 0 reported",
+        "it is aggregated before every shard reported",
+        lambda s: s.aggregated(update_ids=(uid("a"), uid("b"))),
+        Reason.ILLEGAL,
+    ),
+    (
+        "closed, 2 shards, shard 0 reported",
+        "an update of a partial is found unusable",
+        lambda s: s.rejected("a"),
+        Reason.ILLEGAL,
+    ),
+    (
+        "closed, 2 shards, shard 0 reported",
+        "an update of a shard yet to report is found unusable",
+        lambda s: s.rejected("b"),
+        S.CLOSED,
+    ),
+    (
+        "closed, 2 shards, both reported",
+        "it is aggregated from its partials in shard order",
+        lambda s: s.aggregated(update_ids=(uid("a"), uid("b"))),
+        S.AGGREGATED,
+    ),
+    (
+        "closed, 2 shards, both reported",
+        "an aggregate lists the updates out of shard order",
+        lambda s: s.aggregated(update_ids=(uid("b"), uid("a"))),
+        Reason.ILLEGAL,
+    ),
+    ("requested", "a shard reports", lambda s: s.partial(0, 2, ()), Reason.EARLY),
+    ("staged", "a shard reports", lambda s: s.partial(0, 2, ()), Reason.EARLY),
+    ("collecting", "a shard reports", lambda s: s.partial(0, 2, ()), Reason.EARLY),
+    ("aggregated", "a shard reports", lambda s: s.partial(0, 2, ()), Reason.STALE),
+    ("failed", "a shard reports", lambda s: s.partial(0, 2, ()), Reason.STALE),
+    ("completed", "a shard reports", lambda s: s.partial(0, 2, ()), Reason.STALE),
     ("requested", "the base model is staged", lambda s: s.staged(), S.STAGED),
     (
         "requested",

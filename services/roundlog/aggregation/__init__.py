@@ -21,6 +21,8 @@ from roundlog.aggregation.base import (
     NonFiniteAggregate,
     NothingToAggregate,
     Params,
+    Partial,
+    Shardable,
     clip_scale,
     max_norm,
     needs_norm,
@@ -32,15 +34,19 @@ from roundlog.arrays import NamedArrays
 
 __all__ = [
     "AGGREGATORS",
+    "SHARDABLE",
     "AggregateResult",
     "Aggregator",
     "AggregatorConfigError",
     "DeltaNorm",
     "NonFiniteAggregate",
     "NothingToAggregate",
+    "Partial",
+    "Shardable",
     "check_config",
     "clip_scale",
     "make_aggregator",
+    "make_shardable",
     "max_norm",
     "needs_norm",
 ]
@@ -56,6 +62,9 @@ _FAMILIES: dict[str, Callable[[Params], Builder]] = {
     "trimmed_mean": trimmed_mean,
 }
 _STATEFUL = frozenset({"fedavgm", "fedadam", "fedyogi", "fedadagrad"})
+#: The aggregators that fold a float64 weighted sum and finalize from it alone: a round of theirs
+#: can be split into shards whose partial sums add up (the robust ones need every update at once).
+SHARDABLE = frozenset({"fedavg", *_STATEFUL})
 
 #: Every aggregator name, sorted.
 AGGREGATORS = tuple(sorted(_FAMILIES))
@@ -69,6 +78,17 @@ def _validated(name: str, kwargs: Mapping[str, object]) -> Builder:
     build = _FAMILIES[name](params)
     params.done()
     return build
+
+
+def make_shardable(
+    name: str, kwargs: Mapping[str, object], base: NamedArrays, state: NamedArrays | None = None
+) -> Shardable:
+    """A fresh aggregator for one shard, or the reduce, of a sharded round (see ``Shardable``)."""
+    if name not in SHARDABLE:
+        raise AggregatorConfigError(f"{name} cannot be sharded; choose one of {', '.join(sorted(SHARDABLE))}")
+    aggregator = make_aggregator(name, kwargs, base, state)
+    assert isinstance(aggregator, Shardable)
+    return aggregator
 
 
 def check_config(name: str, kwargs: Mapping[str, object]) -> None:

@@ -20,7 +20,7 @@ import math
 from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from numpy.typing import NDArray
@@ -170,6 +170,53 @@ def all_finite(values: NDArray[np.floating[Any]]) -> bool:
     return not len(values) or bool(
         np.isfinite(np.maximum.reduce(values)) and np.isfinite(np.minimum.reduce(values))
     )
+
+
+#: Name prefix of a partial's arrays on the tensors topic: ``sum/<base array name>``.
+PARTIAL_PREFIX = "sum/"
+
+
+@dataclass(frozen=True, eq=False)
+class Partial:
+    """One shard's fold of a sharded round: float64 Σ wᵢ·xᵢ per base array (flat), Σ wᵢ and the count.
+
+    Partials add: the reduce absorbs them in shard order into a fresh fold and finalizes it, so a
+    sharded model differs from the unsharded one only by the order of its float64 additions.
+    """
+
+    sums: list[NDArray[np.float64]]
+    total_weight: float
+    updates: int
+
+    def arrays(self, base: BaseModel) -> list[tuple[str, NDArray[np.float64]]]:
+        """The sums as named arrays in the base model's shapes, to store on the tensors topic."""
+        return [
+            (PARTIAL_PREFIX + name, values.reshape(shape))
+            for name, shape, values in zip(base.names, base.shapes, self.sums, strict=True)
+        ]
+
+    @classmethod
+    def of(cls, arrays: NamedArrays, base: BaseModel, total_weight: float, updates: int) -> Partial:
+        """A stored partial read back; StreamError when it does not fit the base model."""
+        expected = [
+            (PARTIAL_PREFIX + name, shape) for name, shape in zip(base.names, base.shapes, strict=True)
+        ]
+        found = [(name, tuple(array.shape)) for name, array in arrays]
+        if found != expected or any(array.dtype != np.dtype("<f8") for _, array in arrays):
+            raise StreamError("shape_mismatch", f"a partial must hold float64 {expected}, not {found}")
+        return cls([np.array(a, dtype=F64).reshape(-1) for _, a in arrays], total_weight, updates)
+
+
+@runtime_checkable
+class Shardable(Aggregator, Protocol):
+    """An aggregator whose fold is a weighted sum: a shard ends in ``partial``, the reduce
+    ``absorb`` s every shard's partial in shard order into a fresh one, then ``finalize`` s it."""
+
+    def partial(self) -> Partial:
+        """The committed updates' sums (NonFiniteAggregate if one held a NaN or an infinity); spends it."""
+
+    def absorb(self, partial: Partial) -> None:
+        """Add a shard's partial; only ``finalize`` may follow."""
 
 
 class Fold(Aggregator):

@@ -22,6 +22,7 @@ from roundlog.aggregation.base import (
     NonFiniteAggregate,
     NothingToAggregate,
     Params,
+    Partial,
     all_finite,
     clipped,
 )
@@ -35,9 +36,16 @@ class FedAvg(Fold):
         super().__init__(base)
         self._acc = [np.zeros(len(flat), dtype=F64) for flat in base.flat]
         self._scratch = np.empty(BLOCK, dtype=F64)
+        #: None until the fold takes updates (False) or partials (True): never both
+        self._absorbed_only: bool | None = None
 
     #: a non-finite value poisons the accumulator for good, so one check at finalize finds it
     checks_finite_itself = True
+
+    def _commit(self) -> None:
+        if self._absorbed_only:
+            raise RuntimeError("a fold that absorbed partials takes no updates")
+        self._absorbed_only = False
 
     def _fold(self, piece: ArrayPiece) -> None:
         # Block by block through a small float64 scratch that stays in cache, so the
@@ -57,13 +65,32 @@ class FedAvg(Fold):
             np.multiply(scratch, weight, out=scratch)
             np.add(acc[lo:hi], scratch, out=acc[lo:hi])
 
+    def partial(self) -> Partial:
+        if self._open or self._spent:
+            raise RuntimeError("partial() while an update is open, or after the fold was spent")
+        self._check_finite()
+        self._spent = True
+        return Partial(self._acc, self.total_weight, self.updates)
+
+    def absorb(self, partial: Partial) -> None:
+        if self._open or self._spent or self._absorbed_only is False:
+            raise RuntimeError("absorb() into a fold that folded updates itself, or was spent")
+        self._absorbed_only = True
+        for acc, sums in zip(self._acc, partial.sums, strict=True):
+            np.add(acc, sums, out=acc)
+        self.updates += partial.updates
+        self.total_weight += partial.total_weight
+
+    def _check_finite(self) -> None:
+        for name, acc in zip(self.base.names, self._acc, strict=True):
+            if not all_finite(acc):
+                raise NonFiniteAggregate(f"{name}: a committed update held a NaN or an infinity")
+
     def _weighted_mean(self) -> list[NDArray[np.float64]]:
         """The accumulators turned, in place, into the weighted mean of the committed updates."""
         if self.total_weight == 0:
             raise NothingToAggregate(f"the {self.updates} committed updates have a total weight of 0")
-        for name, acc in zip(self.base.names, self._acc, strict=True):
-            if not all_finite(acc):
-                raise NonFiniteAggregate(f"{name}: a committed update held a NaN or an infinity")
+        self._check_finite()
         for acc in self._acc:
             np.divide(acc, self.total_weight, out=acc)
         return self._acc

@@ -62,6 +62,8 @@ class RoundConfig:
     max_num_examples: int = 1_000_000_000
     #: the largest share of a closed round's total weight one update may hold (1.0: no limit)
     max_weight_share: float = 1.0
+    #: aggregation shards of a training round (see ``ShardAggregated``); 1: one aggregator folds all
+    shards: int = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -233,6 +235,34 @@ class RoundAggregated:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ShardAggregated:
+    """One shard's part of a sharded training round: the float64 weighted sum of its updates.
+
+    A closed round with ``config.shards`` K > 1 is folded by K shards; shard k folds, in log
+    order, the usable accepted updates whose chunks sit on a tensors partition p with
+    p mod K = k (``shard_of``). The reduce adds the K partials in shard order and finalizes.
+    """
+
+    event_id: str
+    occurred_at: datetime
+    session_id: str
+    round_id: str
+    shard: int
+    shards: int
+    #: the updates folded, in log order
+    update_ids: tuple[str, ...]
+    total_weight: float
+    #: the weighted sums, one float64 array ``sum/<name>`` per base model array, in its shape
+    partial: TensorRef
+
+
+def shard_of(update: UpdateReceived, shards: int) -> int:
+    """The shard that folds ``update``: a function of the log alone, and of where its bytes are,
+    so a shard reads its own tensors partitions only."""
+    return update.tensor.partition % shards
+
+
+@dataclass(frozen=True, kw_only=True)
 class RoundFailed:
     event_id: str
     occurred_at: datetime
@@ -293,6 +323,7 @@ RoundEvent = (
     | PredictionReceived
     | RoundTimedOut
     | RoundAggregated
+    | ShardAggregated
     | RoundFailed
 )
 SessionEvent = SessionStarted | SessionFinished
@@ -312,6 +343,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     PredictionReceived,
     RoundTimedOut,
     RoundAggregated,
+    ShardAggregated,
     RoundFailed,
     SessionFinished,
     ClientHeartbeat,

@@ -20,10 +20,12 @@ from roundlog.domain.events import (
     RoundFailed,
     RoundRequested,
     RoundTimedOut,
+    ShardAggregated,
     Task,
     UpdateReceived,
     UpdateRejected,
     ValidationReceived,
+    shard_of,
     update_id_for,
 )
 from roundlog.domain.rules import (
@@ -80,6 +82,8 @@ class Round:
     model_sha256: str = ""
     #: the event that ended the collection (the update that filled the buffer, a timeout, ...)
     closed_by: str = ""
+    #: a sharded round's partials by shard, as they arrive (see ``ShardAggregated``)
+    partials: dict[int, ShardAggregated] = field(default_factory=dict)
 
     @classmethod
     def requested(cls, event: RoundRequested) -> Round:
@@ -108,6 +112,19 @@ class Round:
     @property
     def usable_updates(self) -> list[UpdateReceived]:
         return [u for uid, u in self.accepted.items() if uid not in self.unusable]
+
+    @property
+    def shards(self) -> int:
+        return self.config.shards
+
+    def shard_updates(self, shard: int) -> list[UpdateReceived]:
+        """The usable accepted updates shard ``shard`` folds, in log order."""
+        return [u for u in self.usable_updates if shard_of(u, self.shards) == shard]
+
+    @property
+    def reducible(self) -> bool:
+        """Every shard's partial is in: the reduce may run."""
+        return len(self.partials) == self.shards
 
     @property
     def is_terminal(self) -> bool:
@@ -225,6 +242,33 @@ def _folds_accepted_updates(r: Round, e: RoundAggregated) -> Refusal | None:
     return None
 
 
+def _reduces_every_shard(r: Round, e: RoundAggregated) -> Refusal | None:
+    """A sharded round's aggregate is the reduce of its partials: all of them, in shard order."""
+    if r.shards == 1:
+        return None
+    if not r.reducible:
+        return Refusal(Reason.ILLEGAL, f"{len(r.partials)} of {r.shards} shards have reported")
+    expected = tuple(uid for k in range(r.shards) for uid in r.partials[k].update_ids)
+    if e.update_ids != expected:
+        return Refusal(Reason.ILLEGAL, "aggregate's updates are not its partials' in shard order")
+    return None
+
+
+def _covers_its_shard(r: Round, e: ShardAggregated) -> Refusal | None:
+    if r.shards == 1 or e.shards != r.shards or not 0 <= e.shard < r.shards:
+        return Refusal(Reason.ILLEGAL, f"shard {e.shard} of {e.shards}; the round has {r.shards} shards")
+    if e.shard in r.partials:
+        return Refusal(Reason.DUPLICATE, f"shard {e.shard} has already reported")
+    expected = tuple(u.update_id for u in r.shard_updates(e.shard))
+    if e.update_ids != expected:
+        return Refusal(
+            Reason.UNKNOWN_UPDATE,
+            f"shard {e.shard} folded {len(e.update_ids)} updates, "
+            f"not its {len(expected)} usable ones in log order",
+        )
+    return None
+
+
 def _rejectable(r: Round, e: UpdateRejected) -> Refusal | None:
     if e.update_id not in r.accepted:
         return Refusal(Reason.UNKNOWN_UPDATE, f"update {e.update_id} was never accepted")
@@ -232,6 +276,8 @@ def _rejectable(r: Round, e: UpdateRejected) -> Refusal | None:
         return Refusal(Reason.DUPLICATE, f"update {e.update_id} was already rejected")
     if r.aggregated is not None and e.update_id in r.aggregated.update_ids:
         return Refusal(Reason.ILLEGAL, f"update {e.update_id} is already part of the aggregate")
+    if any(e.update_id in partial.update_ids for partial in r.partials.values()):
+        return Refusal(Reason.ILLEGAL, f"update {e.update_id} is already part of a shard's partial")
     return None
 
 
@@ -267,6 +313,10 @@ def _time_out(r: Round, _e: RoundTimedOut) -> None:
 
 def _record_aggregate(r: Round, e: RoundAggregated) -> None:
     r.aggregated = e
+
+
+def _record_partial(r: Round, e: ShardAggregated) -> None:
+    r.partials[e.shard] = e
 
 
 def _record_failure(r: Round, e: RoundFailed) -> None:
@@ -378,9 +428,16 @@ ROUND_RULES: tuple[Rule[RoundState], ...] = (
     Rule(
         S.CLOSED,
         RoundAggregated,
-        guards=(_folds_accepted_updates,),
+        guards=(_folds_accepted_updates, _reduces_every_shard),
         effect=_record_aggregate,
         branches=(Branch(S.AGGREGATED),),
+    ),
+    Rule(
+        S.CLOSED,
+        ShardAggregated,
+        guards=(_covers_its_shard,),
+        effect=_record_partial,
+        branches=(Branch(S.CLOSED),),
     ),
     Rule(S.CLOSED, RoundFailed, effect=_record_failure, branches=(Branch(S.FAILED),)),
     *(
@@ -396,6 +453,8 @@ ROUND_RULES: tuple[Rule[RoundState], ...] = (
     *(Rule(s, e, refuse=Reason.LATE) for s in _COLLECTED for e in _RESULTS),
     *(Rule(s, e, refuse=Reason.EARLY) for s in _BEFORE_COLLECTING for e in _RESULTS),
     *(Rule(s, RoundTimedOut, refuse=Reason.STALE) for s in _COLLECTED),
+    *(Rule(s, ShardAggregated, refuse=Reason.EARLY) for s in (*_BEFORE_COLLECTING, S.COLLECTING)),
+    *(Rule(s, ShardAggregated, refuse=Reason.STALE) for s in (S.AGGREGATED, S.FAILED, S.COMPLETED)),
 )
 
 ROUND_TABLE = index(ROUND_RULES)

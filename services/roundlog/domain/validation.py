@@ -14,7 +14,7 @@ import math
 import re
 from datetime import datetime, timedelta
 
-from roundlog.aggregation import AggregatorConfigError, check_config
+from roundlog.aggregation import SHARDABLE, AggregatorConfigError, check_config
 from roundlog.arrays import StreamError, declared_nbytes
 from roundlog.domain.events import (
     ClientHeartbeat,
@@ -29,6 +29,7 @@ from roundlog.domain.events import (
     RoundConfig,
     RoundRequested,
     SessionStarted,
+    ShardAggregated,
     TensorRef,
     UpdateReceived,
     ValidationReceived,
@@ -39,6 +40,8 @@ from roundlog.domain.rules import Reason, Refusal
 MAX_ROUND_TIMEOUT_S = 30 * 24 * 3600.0
 #: Most rounds a session may plan.
 MAX_ROUNDS = 1_000_000
+#: Most aggregation shards a round may ask for.
+MAX_SHARDS = 1024
 #: Largest ``num_examples`` a policy may allow: float64 sums of weights stay exact below 2**53.
 MAX_NUM_EXAMPLES = 2**53
 #: Largest model or update a TensorRef may declare (64 GiB).
@@ -89,6 +92,13 @@ def config_problem(config: RoundConfig) -> str | None:
         check_config(config.aggregator, kwargs)
     except AggregatorConfigError as error:
         return str(error)
+    if not 1 <= config.shards <= MAX_SHARDS:
+        return f"shards must be in [1, {MAX_SHARDS}], got {config.shards}"
+    if config.shards > 1 and config.aggregator not in SHARDABLE:
+        return (
+            f"{config.aggregator} cannot be sharded: only the weighted-sum aggregators "
+            f"({', '.join(sorted(SHARDABLE))}) combine partial results"
+        )
     return None
 
 
@@ -200,6 +210,12 @@ def _check_aggregated(e: RoundAggregated) -> None:
         _check_ref(e.optimizer_state, "optimizer_state")
 
 
+def _check_partial(e: ShardAggregated) -> None:
+    _require(1 <= e.shards <= MAX_SHARDS and 0 <= e.shard < e.shards, f"shard {e.shard} of {e.shards}")
+    _require(math.isfinite(e.total_weight) and e.total_weight >= 0, f"total_weight {e.total_weight}")
+    _check_ref(e.partial, "partial")
+
+
 def _check_key_id(key_id: str) -> None:
     _require(KEY_ID.fullmatch(key_id) is not None, f"key_id {key_id[:80]!r} is not 64 lowercase hex digits")
 
@@ -229,6 +245,8 @@ def _check_fields(event: Event) -> None:
             raise Invalid(Reason.WEIGHT_LIMIT, detail)
         case RoundAggregated():
             _check_aggregated(event)
+        case ShardAggregated():
+            _check_partial(event)
         case ClientHeartbeat():
             _require(bool(event.client_id), "client_id is empty")
         case KeyRegistered():

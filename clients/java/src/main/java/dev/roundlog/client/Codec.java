@@ -39,7 +39,8 @@ public final class Codec {
     public static final List<String> EVENT_TYPES = List.of(
             "ModelImported", "SessionStarted", "RoundRequested", "ModelStaged", "ClientsAssigned",
             "UpdateReceived", "UpdateRejected", "ValidationReceived", "PredictionReceived", "RoundTimedOut",
-            "RoundAggregated", "RoundFailed", "SessionFinished", "ClientHeartbeat", "KeyRegistered", "KeyRevoked");
+            "RoundAggregated", "ShardAggregated", "RoundFailed", "SessionFinished", "ClientHeartbeat",
+            "KeyRegistered", "KeyRevoked");
 
     private static final String ROOT = "/roundlog/schemas/";
     private static final int HEADER_SIZE = 10;
