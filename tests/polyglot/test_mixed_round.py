@@ -63,17 +63,18 @@ def trained(arrays: Sequence[tuple[str, np.ndarray[Any, Any]]], offset: float) -
     return [(name, a + a.dtype.type(offset) if a.dtype.kind == "f" else a.copy()) for name, a in arrays]
 
 
-def fedavg(base: Sequence[tuple[str, np.ndarray[Any, Any]]]) -> list[tuple[str, Any]]:
-    """McMahan et al.'s weighted mean, sum(n_k * x_k) / sum(n_k), in float64; floats rounded back
-    to their dtype, integer arrays (all clients leave them be) unchanged."""
-    total = sum(n for _, _, n in CLIENTS.values())
+def fedavg(base: Sequence[tuple[str, np.ndarray[Any, Any]]], order: Sequence[str]) -> list[tuple[str, Any]]:
+    """McMahan et al.'s weighted mean, sum(n_k * x_k) / sum(n_k), in float64, summed in ``order`` (the
+    clients' updates in log order, as the aggregator adds them), so it is exact to the bit; floats
+    rounded back to their dtype, integer arrays (all clients leave them be) unchanged."""
+    total = sum(CLIENTS[c][2] for c in order)
     out = []
     for index, (name, array) in enumerate(base):
-        mean = (
-            sum(n * trained(base, offset)[index][1].astype(np.float64) for _, offset, n in CLIENTS.values())
-            / total
-        )
-        out.append((name, mean.astype(array.dtype) if array.dtype.kind == "f" else array))
+        acc = np.zeros(array.shape, dtype=np.float64)
+        for client in order:
+            _, offset, examples = CLIENTS[client]
+            acc = acc + float(examples) * trained(base, offset)[index][1].astype(np.float64)
+        out.append((name, (acc / total).astype(array.dtype) if array.dtype.kind == "f" else array))
     return out
 
 
@@ -166,6 +167,7 @@ async def test_python_java_and_typescript_clients_serve_one_session(
 
     updates = [e for e in applied if isinstance(e, UpdateReceived)]
     assert sorted(e.client_id for e in updates) == sorted(list(CLIENTS) * ROUNDS)
+    client_of = {e.update_id: e.client_id for e in updates}
     aggregates = [e for e in applied if isinstance(e, RoundAggregated)]
     assert len(aggregates) == ROUNDS
 
@@ -175,10 +177,10 @@ async def test_python_java_and_typescript_clients_serve_one_session(
         base = initial_model()
         for aggregate in aggregates:
             model = await read_tensors(consumer, names.tensors, aggregate.tensor)
-            for (name, got), (_, want) in zip(model, fedavg(base), strict=True):
+            order = [client_of[update_id] for update_id in aggregate.update_ids]
+            for (name, got), (_, want) in zip(model, fedavg(base, order), strict=True):
                 assert got.dtype == want.dtype and got.shape == want.shape, name
-                # float64 sums in another order may differ in the last bit of the float32 result
-                np.testing.assert_array_max_ulp(got, want, maxulp=1)
+                np.testing.assert_array_equal(got, want, err_msg=name)
             base = model
             validations = [
                 e for e in applied if isinstance(e, ValidationReceived) and e.model_id == aggregate.model_id
