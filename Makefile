@@ -23,8 +23,9 @@ lint: venv
 test: lint
 	$(MAKE) --no-print-directory -j3 -Otarget test-python test-java test-ts
 
+# Each xdist worker runs its own embedded broker and PostgreSQL.
 test-python: venv
-	$(BIN)/pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -p no:cacheprovider -n auto --maxprocesses 4
 
 test-clients: test-java test-ts
 
