@@ -218,6 +218,7 @@ def every_event(s: Script) -> list[Event]:
         s.prediction("alice"),
         s.timed_out(),
         s.aggregated(),
+        s.partial(0, 2, ()),
         s.failed(),
         s.finished(),
         s.heartbeat("alice"),

@@ -3,7 +3,9 @@
 The audit runs the aggregator's own fold (``LogAggregation``) over the whole events
 topic from offset 0, with a sink that records the model each closed round folds to
 instead of writing it. Each ``RoundAggregated`` in the log must then name the same
-sha256 and the same folded updates, in the same order. Where the deployment signs its
+sha256 and the same folded updates, in the same order. A sharded round is re-folded with
+its own sharding: every shard's partial is folded again and checked against its
+``ShardAggregated``, and the reduce of the logged partials against the model. Where the deployment signs its
 events, the same fold checks every record's signature again, and the report counts them.
 """
 
@@ -12,15 +14,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from roundlog.aggregation import Partial
+from roundlog.aggregation.base import BaseModel
 from roundlog.arrays import sha256_of
 from roundlog.bus import Topics, make_consumer
 from roundlog.codec import DecodeError
 from roundlog.config import Settings
-from roundlog.domain.events import RoundAggregated
+from roundlog.domain.events import RoundAggregated, ShardAggregated
 from roundlog.domain.round import Round
 from roundlog.domain.rules import Reason, Refusal
 from roundlog.domain.session import Session
-from roundlog.roles.aggregation import Closed, LogAggregation, Unusable
+from roundlog.roles.aggregation import Closed, LogAggregation, RoundAggregation, Unusable, every_shard
 from roundlog.roles.stream import PartitionFold, read_range
 from roundlog.tensors import TensorReader
 
@@ -44,12 +48,16 @@ class Mismatch:
 class AuditReport:
     rounds_checked: int = 0
     mismatches: list[Mismatch] = field(default_factory=list)
+    #: shard partials of sharded rounds re-folded and checked
+    partials_checked: int = 0
     #: records whose signature held, and those unsigned or badly signed (None: not checked)
     signatures_verified: int | None = None
     signatures_refused: int = 0
 
     def render(self) -> str:
         models = f"verified {self.rounds_checked} aggregated models: {len(self.mismatches)} mismatches"
+        if self.partials_checked:
+            models += f" (and {self.partials_checked} shard partials)"
         if self.signatures_verified is None:
             return f"{models}; signatures not checked (ROUNDLOG_AUTH=off)"
         return (
@@ -63,10 +71,19 @@ class AuditReport:
 
 
 class RecordingSink:
-    """Keeps what each closed round folded to; emits nothing."""
+    """Keeps what each closed round (and each shard of a sharded one) folded to; emits nothing."""
 
     def __init__(self) -> None:
         self.refolded: dict[tuple[str, str], Refolded | Closed] = {}
+        self.partials: dict[tuple[str, str, int], Refolded] = {}
+
+    async def partial(self, aggregation: RoundAggregation, partial: Partial) -> None:
+        round_ = aggregation.round
+        arrays = partial.arrays(BaseModel.of(aggregation.base))
+        update_ids = tuple(u.update_id for u in aggregation.folded)
+        self.partials[(round_.session_id, round_.round_id, aggregation.shard)] = Refolded(
+            sha256_of(arrays), update_ids
+        )
 
     async def unusable(self, session: Session, round_: Round, rejection: Unusable) -> None:
         return None
@@ -93,7 +110,7 @@ async def verify_models(
     try:
         ends = await log_consumer.end_offsets(await log_consumer.topic_partitions(topics.events))
         sink = RecordingSink()
-        aggregation = LogAggregation(TensorReader(tensor_consumer, topics.tensors), sink)
+        aggregation = LogAggregation(TensorReader(tensor_consumer, topics.tensors), sink, shards=every_shard)
         for done, (tp, end) in enumerate(sorted(ends.items()), start=1):
             fold = PartitionFold.for_settings(tp.partition, len(ends), settings)
             async for entry in read_range(log_consumer, topics.events, tp.partition, 0, end):
@@ -107,6 +124,11 @@ async def verify_models(
                 if isinstance(event, RoundAggregated) and outcome.applied:
                     report.rounds_checked += 1
                     _compare(report, event, sink.refolded.get((event.session_id, event.round_id)))
+                elif isinstance(event, ShardAggregated) and outcome.applied:
+                    report.partials_checked += 1
+                    _compare(
+                        report, event, sink.partials.get((event.session_id, event.round_id, event.shard))
+                    )
             aggregation.forget_partition(tp.partition)
             if progress is not None:
                 progress(done, len(ends))
@@ -124,8 +146,11 @@ def _count_signature(report: AuditReport, refusal: Refusal | None) -> None:
         report.signatures_verified += 1
 
 
-def _compare(report: AuditReport, logged_event: RoundAggregated, refolded: Refolded | Closed | None) -> None:
-    logged = Refolded(logged_event.tensor.sha256, logged_event.update_ids)
+def _compare(
+    report: AuditReport, logged_event: RoundAggregated | ShardAggregated, refolded: Refolded | Closed | None
+) -> None:
+    tensor = logged_event.tensor if isinstance(logged_event, RoundAggregated) else logged_event.partial
+    logged = Refolded(tensor.sha256, logged_event.update_ids)
     if isinstance(refolded, Refolded) and refolded == logged:
         return
     if refolded is None:
@@ -136,6 +161,8 @@ def _compare(report: AuditReport, logged_event: RoundAggregated, refolded: Refol
         detail = "different updates were folded"
     else:
         detail = "the same updates fold to another model"
+    if isinstance(logged_event, ShardAggregated):
+        detail = f"shard {logged_event.shard}: {detail}"
     report.mismatches.append(
         Mismatch(
             session_id=logged_event.session_id,

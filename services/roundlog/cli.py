@@ -283,6 +283,13 @@ def machine(args: argparse.Namespace) -> int:
             help="signed: every party signs with its own registered key and the fold checks every "
             "event (default: $ROUNDLOG_AUTH, else off)",
         ),
+        arg(
+            "--shards",
+            type=int,
+            default=1,
+            metavar="K",
+            help="aggregate each round in K shards, reduced once (weighted-sum aggregators; default: 1)",
+        ),
         *BROKER_ARGUMENTS,
     ],
 )
@@ -293,7 +300,13 @@ def demo(args: argparse.Namespace) -> int:
     _check_aggregator(args.aggregator)
     try:
         options = Options(
-            args.clients, args.rounds, args.aggregator, args.stragglers, args.seed, args.auth == "signed"
+            args.clients,
+            args.rounds,
+            args.aggregator,
+            args.stragglers,
+            args.seed,
+            args.auth == "signed",
+            args.shards,
         )
     except ValueError as exc:
         raise Refused(str(exc)) from None
@@ -635,6 +648,13 @@ _CONFIG_ARGUMENTS = (
         "--aggregator-kwargs",
         metavar="JSON",
         help='aggregator options, e.g. \'{"eta": 0.01, "max_norm": 5}\'',
+    ),
+    arg(
+        "--shards",
+        type=int,
+        metavar="K",
+        help="aggregate each training round in K shards, folded by any aggregator processes and "
+        "reduced once (weighted-sum aggregators only; default 1)",
     ),
 )
 

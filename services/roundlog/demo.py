@@ -43,6 +43,7 @@ from roundlog.domain.ledger import Ledger
 from roundlog.domain.round import Round, RoundState
 from roundlog.domain.rules import Reason
 from roundlog.domain.session import Outcome, Session
+from roundlog.domain.validation import config_problem
 from roundlog.projections.schema import upgrade
 from roundlog.replay import replay
 from roundlog.roles import aggregator, coordinator, projector
@@ -164,12 +165,17 @@ class Options:
     seed: int = 0
     #: every party signs its events with its own key, and the fold checks them (ROUNDLOG_AUTH=signed)
     signed: bool = False
+    #: aggregation shards per training round (see ``RoundConfig.shards``)
+    shards: int = 1
 
     def __post_init__(self) -> None:
         if self.clients < 1 or self.rounds < 1:
             raise ValueError(f"clients and rounds must be >= 1, got {self.clients} and {self.rounds}")
         if not 0 <= self.stragglers < self.clients:
             raise ValueError(f"stragglers must be in [0, clients), got {self.stragglers} of {self.clients}")
+        problem = config_problem(RoundConfig(aggregator=self.aggregator, shards=self.shards))
+        if problem is not None:
+            raise ValueError(problem)
 
 
 def run(settings: Settings, options: Options | None = None) -> int:
@@ -303,6 +309,7 @@ async def _train(
             buffer_size=options.clients - options.stragglers,
             clients_required=options.clients - options.stragglers,
             aggregator=options.aggregator,
+            shards=options.shards,
         )
         session_id = await start_session(
             producer,

@@ -115,6 +115,7 @@ async def start_sessions(
     rounds: int,
     round_timeout: float,
     arrays: Sequence[tuple[str, np.ndarray[Any, Any]]] | None = None,
+    shards: int = 1,
     **options: Any,
 ) -> list[str]:
     """Import ``arrays`` (``model()`` by default) and start ``count`` sessions of ``rounds`` rounds on
@@ -123,7 +124,7 @@ async def start_sessions(
     await producer.start()
     try:
         model_id, ref = await import_model(producer, topics, model() if arrays is None else arrays)
-        config = RoundConfig(round_timeout=round_timeout, buffer_size=-1)
+        config = RoundConfig(round_timeout=round_timeout, buffer_size=-1, shards=shards)
         return [
             await start_session(
                 producer, topics, model_id=model_id, model=ref, rounds=rounds, config=config, **options

@@ -17,7 +17,8 @@ import numpy as np
 from roundlog.bus import Topics, create_topics, make_consumer, make_producer, publish
 from roundlog.config import Settings
 from roundlog.domain.events import Event, RoundAggregated, RoundConfig
-from roundlog.roles.aggregator import AggregatorRole, model_id_of
+from roundlog.roles.aggregator import AggregatorRole
+from roundlog.roles.emitting import model_id_of
 from roundlog.roles.stream import Entry
 from roundlog.tensors import write_tensors
 

@@ -19,7 +19,7 @@ from roundlog.projections.schema import current, downgrade, recreate_schema, upg
 
 REPO = Path(__file__).resolve().parents[2]
 TABLES = {t.name for t in tables.metadata.sorted_tables}
-HEAD = "0002"
+HEAD = "0003"
 
 
 def relations(database_url: str, schema: str = "public") -> set[str]:
@@ -62,6 +62,28 @@ def test_a_0001_database_with_rows_upgrades_in_place(database_url: str) -> None:
         authors = conn.execute(sa.text("SELECT count(*) FROM round_authors")).scalar()
     engine.dispose()
     assert [tuple(row) for row in kept] == [("c", None)] and authors == 0
+    assert current(database_url) == HEAD and drift(database_url) == []
+
+
+def test_a_0002_round_upgrades_to_one_shard(database_url: str) -> None:
+    """Rounds projected before sharding existed had one shard, as their events say by default."""
+    upgrade(database_url, revision="0002")
+    engine = sa.create_engine(database_url, poolclass=sa.NullPool)
+    insert = """
+        INSERT INTO rounds (round_id, session_id, round_no, task, state, base_model_id, timed_out,
+            buffer_size, clients_required, max_clients, min_updates, round_timeout, aggregator,
+            aggregator_kwargs, n_assigned, n_received, n_accepted, n_rejected, total_weight, requested_at)
+        VALUES ('r', 's', 1, 'training', 'aggregated', 'm', false, -1, 1, -1, 1, 60, 'fedavg', '{}',
+            2, 2, 2, 0, 20, now())
+    """
+    with engine.begin() as conn:
+        conn.execute(sa.text(insert))
+    upgrade(database_url)
+    with engine.connect() as conn:
+        kept = conn.execute(sa.text("SELECT round_id, shards FROM rounds")).all()
+        partials = conn.execute(sa.text("SELECT count(*) FROM round_shards")).scalar()
+    engine.dispose()
+    assert [tuple(row) for row in kept] == [("r", 1)] and partials == 0
     assert current(database_url) == HEAD and drift(database_url) == []
 
 

@@ -32,6 +32,7 @@ from roundlog.domain.events import (
     RoundTimedOut,
     SessionFinished,
     SessionStarted,
+    ShardAggregated,
     UpdateReceived,
     UpdateRejected,
     ValidationReceived,
@@ -55,7 +56,7 @@ MAY_PRODUCE: dict[KeyRole, set[type[Event]]] = {
         RoundFailed,
         SessionFinished,
     },
-    KeyRole.AGGREGATOR: {RoundAggregated, UpdateRejected, RoundFailed},
+    KeyRole.AGGREGATOR: {RoundAggregated, ShardAggregated, UpdateRejected, RoundFailed},
     KeyRole.CLIENT: {UpdateReceived, ValidationReceived, PredictionReceived, ClientHeartbeat},
 }
 

@@ -32,6 +32,7 @@ from roundlog.domain.events import (
     ModelImported,
     PredictionReceived,
     RoundAggregated,
+    ShardAggregated,
     TensorRef,
     UpdateReceived,
     UpdateRejected,
@@ -276,6 +277,7 @@ def round_row(round_: Round, received: int) -> dict[str, Any]:
         "time_model_load": aggregated.time_model_load if aggregated else None,
         "time_aggregation": aggregated.time_aggregation if aggregated else None,
         **{f"{state.value}_at": at.get(state) for state in RoundState},
+        "shards": config.shards,
     }
 
 
@@ -300,6 +302,8 @@ class BatchRows:
     registrations: list[dict[str, Any]] = field(default_factory=list)
     revocations: list[dict[str, Any]] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
+    #: shard partials of sharded rounds
+    partials: list[dict[str, Any]] = field(default_factory=list)
     #: rows of the sessions and rounds the batch touched, as they stand at ``snapshot``
     session_rows: list[dict[str, Any]] = field(default_factory=list)
     round_rows: list[dict[str, Any]] = field(default_factory=list)
@@ -443,6 +447,23 @@ class BatchRows:
                     "round_id": event.round_id,
                     "reason": event.reason,
                     "detail": event.detail or None,
+                }
+            )
+        elif isinstance(event, ShardAggregated):
+            self.partials.append(
+                {
+                    "round_id": event.round_id,
+                    "shard": event.shard,
+                    "session_id": event.session_id,
+                    "shards": event.shards,
+                    "n_updates": len(event.update_ids),
+                    "update_ids": list(event.update_ids),
+                    "total_weight": event.total_weight,
+                    "sha256": event.partial.sha256,
+                    "nbytes": event.partial.nbytes,
+                    "tensor": _tensor(event.partial),
+                    "event_id": event.event_id,
+                    "created_at": event.occurred_at,
                 }
             )
         elif isinstance(event, RoundAggregated) and session is not None:

@@ -71,6 +71,25 @@ rounds = sa.Table(
     sa.Column("failed_at", Time),
     sa.Column("completed_at", Time),
     sa.Column("closed_by_event", sa.Text),
+    sa.Column("shards", sa.Integer, nullable=False, server_default="1"),
+)
+
+#: One row per shard's partial of a sharded round (``ShardAggregated``).
+round_shards = sa.Table(
+    "round_shards",
+    metadata,
+    sa.Column("round_id", sa.Text, primary_key=True),
+    sa.Column("shard", sa.Integer, primary_key=True),
+    sa.Column("session_id", sa.Text, nullable=False, index=True),
+    sa.Column("shards", sa.Integer, nullable=False),
+    sa.Column("n_updates", sa.Integer, nullable=False),
+    sa.Column("update_ids", JSONB, nullable=False),
+    sa.Column("total_weight", sa.Float, nullable=False),
+    sa.Column("sha256", sa.Text, nullable=False),
+    sa.Column("nbytes", sa.BigInteger, nullable=False),
+    sa.Column("tensor", JSONB, nullable=False),
+    sa.Column("event_id", sa.Text, nullable=False),
+    sa.Column("created_at", Time, nullable=False),
 )
 
 round_clients = sa.Table(

@@ -163,6 +163,7 @@ _ASSIGNMENTS = _Insert.of(t.round_clients, "ON CONFLICT DO NOTHING")
 _MODELS = _Insert.of(t.models, "ON CONFLICT DO NOTHING")
 _VALIDATIONS = _Insert.of(t.validations, "ON CONFLICT DO NOTHING")
 _PREDICTIONS = _Insert.of(t.predictions, "ON CONFLICT DO NOTHING")
+_PARTIALS = _Insert.of(t.round_shards, "ON CONFLICT DO NOTHING")
 _REJECTED = _Insert.of(t.rejected_events, "ON CONFLICT DO NOTHING")
 _OFFSETS = _Insert.upsert(t.projector_offsets, "consumer", "topic", "partition", updated_at="now()")
 _NEW_OFFSETS = _Insert.of(t.projector_offsets, "ON CONFLICT DO NOTHING")
@@ -268,6 +269,7 @@ async def write(
     await _MODELS.run(conn, rows.models.values())
     await _VALIDATIONS.run(conn, rows.validations)
     await _PREDICTIONS.run(conn, rows.predictions)
+    await _PARTIALS.run(conn, rows.partials)
     if rows.clients:
         async with conn.cursor() as cursor:
             await cursor.executemany(

@@ -5,6 +5,13 @@ folds every accepted update's tensors as it streams in; when the machine closes 
 round it finalizes and hands the outcome to a ``Sink``. The aggregator role's sink
 writes the model and emits events; the audit's sink only compares hashes. Both run
 this same code, which is why a replayed model is bit-identical to the live one.
+
+A sharded round (``config.shards`` K > 1) is folded in K units, one per shard: a unit
+folds its shard's updates and, at close, hands its partial weighted sum to the sink
+(``ShardAggregated``). Once every partial is in the log, the reduce reads them, adds them
+in shard order and finalizes. Which units an instance folds is its choice: the aggregator
+role reduces and folds unsharded rounds, the shard workers fold the shards they hold, the
+audit folds everything.
 """
 
 from __future__ import annotations
@@ -22,32 +29,67 @@ from roundlog.aggregation import (
     DeltaNorm,
     NonFiniteAggregate,
     NothingToAggregate,
+    Partial,
+    Shardable,
     clip_scale,
     make_aggregator,
+    make_shardable,
     max_norm,
 )
 from roundlog.aggregation.base import BaseModel, check_piece
 from roundlog.arrays import ArrayPiece, NamedArrays, Reassembler, StreamError, specs_of
-from roundlog.domain.events import ArraySpec, Event, Task, TensorRef, UpdateReceived
+from roundlog.domain.events import (
+    ArraySpec,
+    Event,
+    ShardAggregated,
+    Task,
+    TensorRef,
+    UpdateReceived,
+    shard_of,
+)
 from roundlog.domain.round import Round, RoundState
 from roundlog.domain.session import Outcome, Session
 from roundlog.observability import FOLD_BYTES
 from roundlog.roles.stream import Entry, PartitionFold
 from roundlog.tensors import TensorReader, check_layout
 
-RoundKey = tuple[str, str]
+#: The unit that reduces a sharded round's partials (shards are 0 .. K-1; an unsharded round's one
+#: unit is shard 0, whose shard_of is 0 for every update).
+REDUCE = -1
+#: (session id, round id, shard): round ids come from outside and need not be unique
+UnitKey = tuple[str, str, int]
+#: Whether this instance folds shard ``shard`` of a round of ``shards`` shards (> 1).
+ShardFilter = Callable[[int, int], bool]
 
 
-def _key(round_: Round) -> RoundKey:
-    return (round_.session_id, round_.round_id)
+def every_shard(shard: int, shards: int) -> bool:
+    return True
+
+
+def no_shard(shard: int, shards: int) -> bool:
+    return False
+
+
+def _key(round_: Round, shard: int) -> UnitKey:
+    return (round_.session_id, round_.round_id, shard)
+
+
+def _fresh_aggregator(
+    round_: Round, kwargs: dict[str, object], base: NamedArrays, state: NamedArrays | None
+) -> Aggregator:
+    name = round_.config.aggregator
+    if round_.shards > 1:
+        return make_shardable(name, kwargs, base, state)
+    return make_aggregator(name, kwargs, base, state)
 
 
 @dataclass
 class RoundAggregation:
-    """One training round's fold in progress: the base model, the aggregator, what went in."""
+    """One unit of a training round's fold in progress: the whole round, one shard, or the reduce."""
 
     session: Session
     round: Round
+    shard: int
     base: NamedArrays
     base_specs: tuple[ArraySpec, ...]
     kwargs: dict[str, object]
@@ -61,8 +103,17 @@ class RoundAggregation:
     def round_id(self) -> str:
         return self.round.round_id
 
+    @property
+    def sharded(self) -> bool:
+        return self.round.shards > 1
+
     def fresh_aggregator(self) -> Aggregator:
-        return make_aggregator(self.round.config.aggregator, self.kwargs, self.base, self.state)
+        return _fresh_aggregator(self.round, self.kwargs, self.base, self.state)
+
+    @property
+    def shardable(self) -> Shardable:
+        assert isinstance(self.aggregator, Shardable), "a sharded round's units fold weighted sums"
+        return self.aggregator
 
 
 @dataclass(frozen=True)
@@ -88,17 +139,27 @@ class Sink(Protocol):
 
     async def closed(self, session: Session, round_: Round, outcome: Closed) -> None: ...
 
+    async def partial(self, aggregation: RoundAggregation, partial: Partial) -> None:
+        """A shard of a sharded round is folded: ``aggregation.folded`` went into ``partial``."""
+
 
 class LogAggregation:
-    """The tensor side of the fold: open rounds of the partitions this process holds."""
+    """The tensor side of the fold: open rounds of the partitions this process holds.
 
-    def __init__(self, reader: TensorReader, sink: Sink) -> None:
+    ``shards`` says which shards of sharded rounds this instance folds; ``reduces``, whether it
+    folds unsharded rounds and reduces sharded ones (the aggregator role's part).
+    """
+
+    def __init__(
+        self, reader: TensorReader, sink: Sink, shards: ShardFilter = no_shard, reduces: bool = True
+    ) -> None:
         self._reader = reader
         self._sink = sink
-        # keyed by (session id, round id): round ids come from outside and need not be unique
-        self._open: dict[RoundKey, RoundAggregation] = {}
-        self._broken: dict[RoundKey, Closed] = {}
-        self._partition_of: dict[RoundKey, int] = {}
+        self._shards = shards
+        self._reduces = reduces
+        self._open: dict[UnitKey, RoundAggregation] = {}
+        self._broken: dict[UnitKey, Closed] = {}
+        self._partition_of: dict[UnitKey, int] = {}
 
     async def apply(self, fold: PartitionFold, entry: Entry, event: Event) -> Outcome:
         """Fold one event; an accepted update is folded now, a closed round finalized now."""
@@ -110,11 +171,15 @@ class LogAggregation:
         if session is None or round_ is None or round_.task != Task.TRAINING:
             return outcome
         if isinstance(event, UpdateReceived):
-            await self._fold(fold.partition, session, round_, event)
+            shard = shard_of(event, round_.shards)
+            if self._folds(round_, shard):
+                await self._fold(fold.partition, session, round_, shard, event)
         if outcome.after == RoundState.CLOSED and outcome.before != RoundState.CLOSED:
             await self._close(fold.partition, session, round_)
+        if isinstance(event, ShardAggregated) and self._reduces and round_.reducible:
+            await self._reduce(fold.partition, session, round_)
         if round_.is_terminal:
-            self._forget_round(_key(round_))
+            self._forget_round(round_)
         return outcome
 
     async def resume(self, fold: PartitionFold) -> None:
@@ -127,22 +192,42 @@ class LogAggregation:
                 ):
                     continue
                 for update in round_.accepted.values():
-                    await self._fold(fold.partition, session, round_, update)
+                    shard = shard_of(update, round_.shards)
+                    if self._folds(round_, shard):
+                        await self._fold(fold.partition, session, round_, shard, update)
                 if round_.state == RoundState.CLOSED:
                     await self._close(fold.partition, session, round_)
+                    if round_.shards > 1 and self._reduces and round_.reducible:
+                        await self._reduce(fold.partition, session, round_)
 
     def forget_partition(self, partition: int) -> None:
         for key in [k for k, p in self._partition_of.items() if p == partition]:
-            self._forget_round(key)
+            self._forget(key)
 
-    def _forget_round(self, key: RoundKey) -> None:
+    def forget_all(self) -> None:
+        """Drop every open unit (the shards this instance folds changed; ``resume`` rebuilds them)."""
+        for key in list(self._partition_of):
+            self._forget(key)
+
+    def _folds(self, round_: Round, shard: int) -> bool:
+        if round_.shards == 1:
+            return self._reduces
+        return self._shards(shard, round_.shards)
+
+    def _forget_round(self, round_: Round) -> None:
+        for key in [k for k in self._partition_of if k[:2] == (round_.session_id, round_.round_id)]:
+            self._forget(key)
+
+    def _forget(self, key: UnitKey) -> None:
         self._open.pop(key, None)
         self._broken.pop(key, None)
         self._partition_of.pop(key, None)
 
-    async def _aggregation(self, partition: int, session: Session, round_: Round) -> RoundAggregation | None:
-        """The round's fold, opened on first use: loads the base model and the optimizer state."""
-        key = _key(round_)
+    async def _aggregation(
+        self, partition: int, session: Session, round_: Round, shard: int
+    ) -> RoundAggregation | None:
+        """The unit's fold, opened on first use: loads the base model and the optimizer state."""
+        key = _key(round_, shard)
         if key in self._open:
             return self._open[key]
         if key in self._broken:
@@ -158,7 +243,7 @@ class LogAggregation:
             state_ref = session.optimizer_state
             state = await self._reader.arrays(state_ref) if state_ref is not None else None
             kwargs = json.loads(round_.config.aggregator_kwargs)
-            aggregator = make_aggregator(round_.config.aggregator, kwargs, base, state)
+            aggregator = _fresh_aggregator(round_, kwargs, base, state)
         except StreamError as error:
             self._broken[key] = Closed(None, None, "model_missing", str(error))
             return None
@@ -168,6 +253,7 @@ class LogAggregation:
         aggregation = RoundAggregation(
             session,
             round_,
+            shard,
             base,
             specs_of(base),
             kwargs,
@@ -178,8 +264,10 @@ class LogAggregation:
         self._open[key] = aggregation
         return aggregation
 
-    async def _fold(self, partition: int, session: Session, round_: Round, update: UpdateReceived) -> None:
-        aggregation = await self._aggregation(partition, session, round_)
+    async def _fold(
+        self, partition: int, session: Session, round_: Round, shard: int, update: UpdateReceived
+    ) -> None:
+        aggregation = await self._aggregation(partition, session, round_, shard)
         if aggregation is None or update.update_id in round_.unusable:
             return
         started = time.perf_counter()
@@ -218,9 +306,19 @@ class LogAggregation:
         reassembler.finish(ref.sha256)
 
     async def _close(self, partition: int, session: Session, round_: Round) -> None:
-        aggregation = await self._aggregation(partition, session, round_)
+        """The machine closed the round: finalize it (unsharded), or each shard this instance folds."""
+        if round_.shards == 1:
+            if self._reduces:
+                await self._finalize(partition, session, round_)
+            return
+        for shard in range(round_.shards):
+            if self._shards(shard, round_.shards) and shard not in round_.partials:
+                await self._finish_shard(partition, session, round_, shard)
+
+    async def _finalize(self, partition: int, session: Session, round_: Round) -> None:
+        aggregation = await self._aggregation(partition, session, round_, 0)
         if aggregation is None:
-            await self._sink.closed(session, round_, self._broken[_key(round_)])
+            await self._sink.closed(session, round_, self._broken[_key(round_, 0)])
             return
         started = time.perf_counter()
         await self._leave_out_overweight(session, round_, aggregation)
@@ -228,11 +326,57 @@ class LogAggregation:
             try:
                 result = aggregation.aggregator.finalize()
             except NonFiniteAggregate:
-                result = await self._finalize_without_non_finite(session, round_, aggregation)
+                await self._drop_non_finite(session, round_, aggregation)
+                result = aggregation.aggregator.finalize()
         except NothingToAggregate as error:
             await self._sink.closed(session, round_, Closed(aggregation, None, "no_valid_update", str(error)))
             return
         except NonFiniteAggregate as error:  # finite updates whose weighted sum overflows float64
+            await self._sink.closed(
+                session, round_, Closed(aggregation, None, "non_finite_aggregate", str(error))
+            )
+            return
+        aggregation.fold_seconds += time.perf_counter() - started
+        await self._sink.closed(session, round_, Closed(aggregation, result))
+
+    async def _finish_shard(self, partition: int, session: Session, round_: Round, shard: int) -> None:
+        """A shard's part of a closed round: its partial weighted sum (an empty shard's is zeros)."""
+        aggregation = await self._aggregation(partition, session, round_, shard)
+        if aggregation is None:
+            await self._sink.closed(session, round_, self._broken[_key(round_, shard)])
+            return
+        await self._leave_out_overweight(session, round_, aggregation)
+        try:
+            partial = aggregation.shardable.partial()
+        except NonFiniteAggregate:
+            await self._drop_non_finite(session, round_, aggregation)
+            partial = aggregation.shardable.partial()
+        await self._sink.partial(aggregation, partial)
+
+    async def _reduce(self, partition: int, session: Session, round_: Round) -> None:
+        """Every shard has reported: add the partials in shard order and finalize, once."""
+        aggregation = await self._aggregation(partition, session, round_, REDUCE)
+        if aggregation is None:
+            await self._sink.closed(session, round_, self._broken[_key(round_, REDUCE)])
+            return
+        started = time.perf_counter()
+        layout = BaseModel.of(aggregation.base)
+        try:
+            for shard in range(round_.shards):
+                logged = round_.partials[shard]
+                arrays = await self._reader.arrays(logged.partial)
+                aggregation.shardable.absorb(
+                    Partial.of(arrays, layout, logged.total_weight, len(logged.update_ids))
+                )
+                aggregation.folded += [round_.accepted[uid] for uid in logged.update_ids]
+            result = aggregation.aggregator.finalize()
+        except StreamError as error:
+            await self._sink.closed(session, round_, Closed(aggregation, None, "partial_missing", str(error)))
+            return
+        except NothingToAggregate as error:
+            await self._sink.closed(session, round_, Closed(aggregation, None, "no_valid_update", str(error)))
+            return
+        except NonFiniteAggregate as error:  # finite partials whose sum overflows float64
             await self._sink.closed(
                 session, round_, Closed(aggregation, None, "non_finite_aggregate", str(error))
             )
@@ -263,9 +407,7 @@ class LogAggregation:
         for update in updates:
             await self._fold_into(aggregation, update)
 
-    async def _finalize_without_non_finite(
-        self, session: Session, round_: Round, aggregation: RoundAggregation
-    ) -> AggregateResult:
+    async def _drop_non_finite(self, session: Session, round_: Round, aggregation: RoundAggregation) -> None:
         """The rare path of folds that check finiteness once per round: find the culprits, fold the rest."""
         base = BaseModel.of(aggregation.base)
         kept = []
@@ -277,4 +419,3 @@ class LogAggregation:
             else:
                 kept.append(update)
         await self._refold(aggregation, kept)
-        return aggregation.aggregator.finalize()
