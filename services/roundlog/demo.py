@@ -478,7 +478,10 @@ async def _audit(settings: Settings, console: Console) -> bool:
     console.print(report.render())
     audit = await verify_models(settings)
     verdict = "[green]all match[/]" if audit.ok else f"[red]{len(audit.mismatches)} mismatches[/]"
-    console.print(f"verified {audit.rounds_checked} aggregated models by re-folding the log: {verdict}")
+    partials = f" and {audit.partials_checked} shard partials" if audit.partials_checked else ""
+    console.print(
+        f"verified {audit.rounds_checked} aggregated models{partials} by re-folding the log: {verdict}"
+    )
     for mismatch in audit.mismatches:
         console.print(f"  round {mismatch.round_id}: {mismatch.detail}")
     if audit.signatures_verified is not None:
