@@ -496,6 +496,10 @@ def test_events_of_unknown_sessions_and_rounds_are_refused() -> None:
         ({"min_updates": 0}, "min_updates"),
         ({"aggregator_kwargs": "{not json"}, "aggregator_kwargs"),
         ({"aggregator_kwargs": "[1]"}, "aggregator_kwargs"),
+        ({"shards": 0}, "shards must be in [1, 1024]"),
+        ({"shards": 1025}, "shards must be in [1, 1024]"),
+        ({"shards": 2, "aggregator": "median"}, "median cannot be sharded"),
+        ({"shards": 4, "aggregator": "trimmed_mean"}, "trimmed_mean cannot be sharded"),
     ],
 )
 def test_a_round_with_an_impossible_config_is_refused(config: dict[str, object], problem: str) -> None:
