@@ -21,7 +21,7 @@ from roundlog.aggregation import (
     max_norm,
 )
 from roundlog.aggregation.base import BaseModel, DeltaNorm, Partial
-from roundlog.arrays import NamedArrays, StreamError
+from roundlog.arrays import NamedArrays, StreamError, specs_of
 
 from tests.unit.test_aggregators import (
     aggregate,
@@ -30,6 +30,7 @@ from tests.unit.test_aggregators import (
     identical,
     model,
     pieces,
+    random_cuts,
     ref_fedavgm,
     ref_fedopt,
     ref_weighted_mean,
@@ -201,16 +202,33 @@ def test_a_fold_is_either_a_shard_or_a_reduce() -> None:
         reduce.commit()
 
 
-def test_a_partial_round_trips_through_named_arrays_and_must_fit_the_base() -> None:
+def test_a_partial_is_stored_as_float64_sums_named_after_the_base_and_must_fit_it() -> None:
     base = model(2)
     layout = BaseModel.of(base)
     sums = [np.arange(a.size, dtype=np.float64) for _, a in base]
-    partial = Partial(sums, 12.5, 3)
-    arrays = partial.arrays(layout)
+    arrays = Partial(sums, 12.5, 3).arrays(layout)
     assert [name for name, _ in arrays] == [f"sum/{name}" for name, _ in base]
-    back = Partial.of(arrays, layout, 12.5, 3)
-    assert all(np.array_equal(a, b) for a, b in zip(back.sums, sums, strict=True))
+    specs = specs_of(arrays)
+    Partial.check_specs(specs, layout)
     with pytest.raises(StreamError):
-        Partial.of(arrays[:-1], layout, 12.5, 3)
+        Partial.check_specs(specs[:-1], layout)
     with pytest.raises(StreamError):
-        Partial.of([(n, a.astype(np.float32)) for n, a in arrays], layout, 12.5, 3)
+        Partial.check_specs(specs_of([(n, a.astype(np.float32)) for n, a in arrays]), layout)
+
+
+def test_a_partial_absorbed_in_streamed_pieces_is_the_partial_absorbed_whole() -> None:
+    base = model(4)
+    updates = updates_of(base, 3, seed=5)
+    shard = make_shardable("fedavg", {}, base)
+    for update in updates:
+        shard.begin(2.0)
+        for piece in pieces(update):
+            shard.add(piece)
+        shard.commit()
+    partial = shard.partial()
+    whole, streamed = make_shardable("fedavg", {}, base), make_shardable("fedavg", {}, base)
+    whole.absorb(partial)
+    for piece in pieces(partial.arrays(BaseModel.of(base)), random_cuts(9)):
+        streamed.absorb_piece(piece)
+    streamed.absorb_count(partial.total_weight, partial.updates)
+    assert identical(whole.finalize(), streamed.finalize())

@@ -25,7 +25,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from numpy.typing import NDArray
 
-from roundlog.arrays import ArrayPiece, NamedArrays, StreamError, little_endian
+from roundlog.arrays import ArrayPiece, NamedArrays, StreamError, little_endian, wire_dtype
+from roundlog.domain.events import ArraySpec
 
 #: Elements per block of float64 scratch work (512 KiB): a block's scratch, update and
 #: accumulator slices stay in L2 (measured in bench/bench_fold.py; 32k-64k is the sweet spot).
@@ -195,16 +196,13 @@ class Partial:
             for name, shape, values in zip(base.names, base.shapes, self.sums, strict=True)
         ]
 
-    @classmethod
-    def of(cls, arrays: NamedArrays, base: BaseModel, total_weight: float, updates: int) -> Partial:
-        """A stored partial read back; StreamError when it does not fit the base model."""
-        expected = [
-            (PARTIAL_PREFIX + name, shape) for name, shape in zip(base.names, base.shapes, strict=True)
-        ]
-        found = [(name, tuple(array.shape)) for name, array in arrays]
-        if found != expected or any(array.dtype != np.dtype("<f8") for _, array in arrays):
-            raise StreamError("shape_mismatch", f"a partial must hold float64 {expected}, not {found}")
-        return cls([np.array(a, dtype=F64).reshape(-1) for _, a in arrays], total_weight, updates)
+    @staticmethod
+    def check_specs(specs: Sequence[ArraySpec], base: BaseModel) -> None:
+        """A stored partial holds the base model's arrays as float64 ``sum/<name>``; StreamError if not."""
+        names = [(PARTIAL_PREFIX + n, shape) for n, shape in zip(base.names, base.shapes, strict=True)]
+        found = [(spec.name, tuple(spec.shape)) for spec in specs]
+        if found != names or any(wire_dtype(spec.dtype) != F64 for spec in specs):
+            raise StreamError("shape_mismatch", f"a partial must hold float64 {names}, not {specs}")
 
 
 @runtime_checkable
@@ -216,7 +214,13 @@ class Shardable(Aggregator, Protocol):
         """The committed updates' sums (NonFiniteAggregate if one held a NaN or an infinity); spends it."""
 
     def absorb(self, partial: Partial) -> None:
-        """Add a shard's partial; only ``finalize`` may follow."""
+        """Add a shard's partial; only more partials and ``finalize`` may follow."""
+
+    def absorb_piece(self, piece: ArrayPiece) -> None:
+        """Add a piece of a shard's sums as they stream in (the sums of array ``piece.index``)."""
+
+    def absorb_count(self, total_weight: float, updates: int) -> None:
+        """Add the weight and update count of a shard whose sums were absorbed piece by piece."""
 
 
 class Fold(Aggregator):

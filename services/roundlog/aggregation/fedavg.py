@@ -73,13 +73,24 @@ class FedAvg(Fold):
         return Partial(self._acc, self.total_weight, self.updates)
 
     def absorb(self, partial: Partial) -> None:
+        for index, sums in enumerate(partial.sums):
+            self.absorb_piece(ArrayPiece(index, 0, sums))
+        self.absorb_count(partial.total_weight, partial.updates)
+
+    def absorb_piece(self, piece: ArrayPiece) -> None:
+        self._absorbing()
+        acc = self._acc[piece.index][piece.start : piece.start + len(piece.values)]
+        np.add(acc, piece.values, out=acc)
+
+    def absorb_count(self, total_weight: float, updates: int) -> None:
+        self._absorbing()
+        self.updates += updates
+        self.total_weight += total_weight
+
+    def _absorbing(self) -> None:
         if self._open or self._spent or self._absorbed_only is False:
             raise RuntimeError("absorb() into a fold that folded updates itself, or was spent")
         self._absorbed_only = True
-        for acc, sums in zip(self._acc, partial.sums, strict=True):
-            np.add(acc, sums, out=acc)
-        self.updates += partial.updates
-        self.total_weight += partial.total_weight
 
     def _check_finite(self) -> None:
         for name, acc in zip(self.base.names, self._acc, strict=True):

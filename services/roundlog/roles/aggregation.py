@@ -160,6 +160,8 @@ class LogAggregation:
         self._open: dict[UnitKey, RoundAggregation] = {}
         self._broken: dict[UnitKey, Closed] = {}
         self._partition_of: dict[UnitKey, int] = {}
+        #: each round's base model and optimizer state, loaded once for all its units here
+        self._bases: dict[tuple[str, str], tuple[NamedArrays, NamedArrays | None]] = {}
 
     async def apply(self, fold: PartitionFold, entry: Entry, event: Event) -> Outcome:
         """Fold one event; an accepted update is folded now, a closed round finalized now."""
@@ -183,7 +185,12 @@ class LogAggregation:
         return outcome
 
     async def resume(self, fold: PartitionFold) -> None:
-        """After a silent re-fold: fold the open rounds' accepted updates again, and close the closed ones."""
+        """After a silent re-fold: fold the open rounds' accepted updates again, and close the closed ones.
+
+        Units still open (shards this instance kept through a rebalance) are complete already, and
+        shards whose partial is in the log are done: neither is folded again.
+        """
+        already = set(self._open)
         for session in fold.ledger.sessions.values():
             for round_ in session.rounds_in_order():
                 if round_.task != Task.TRAINING or round_.state not in (
@@ -193,7 +200,7 @@ class LogAggregation:
                     continue
                 for update in round_.accepted.values():
                     shard = shard_of(update, round_.shards)
-                    if self._folds(round_, shard):
+                    if self._refolds(round_, shard, already):
                         await self._fold(fold.partition, session, round_, shard, update)
                 if round_.state == RoundState.CLOSED:
                     await self._close(fold.partition, session, round_)
@@ -204,10 +211,18 @@ class LogAggregation:
         for key in [k for k, p in self._partition_of.items() if p == partition]:
             self._forget(key)
 
-    def forget_all(self) -> None:
-        """Drop every open unit (the shards this instance folds changed; ``resume`` rebuilds them)."""
+    def forget_unheld(self) -> None:
+        """Drop the units of shards this instance no longer folds (``resume`` then opens the new ones)."""
         for key in list(self._partition_of):
-            self._forget(key)
+            unit = self._open.get(key)
+            if unit is None or (unit.sharded and not self._shards(unit.shard, unit.round.shards)):
+                self._forget(key)
+
+    def _refolds(self, round_: Round, shard: int, already: set[UnitKey]) -> bool:
+        """Whether ``resume`` folds this unit's updates: one of ours, not done, not kept open."""
+        return (
+            self._folds(round_, shard) and shard not in round_.partials and _key(round_, shard) not in already
+        )
 
     def _folds(self, round_: Round, shard: int) -> bool:
         if round_.shards == 1:
@@ -222,6 +237,8 @@ class LogAggregation:
         self._open.pop(key, None)
         self._broken.pop(key, None)
         self._partition_of.pop(key, None)
+        if not any(k[:2] == key[:2] for k in self._partition_of):
+            self._bases.pop(key[:2], None)
 
     async def _aggregation(
         self, partition: int, session: Session, round_: Round, shard: int
@@ -239,9 +256,7 @@ class LogAggregation:
             self._broken[key] = Closed(None, None, "model_missing", f"{round_.base_model_id} unknown")
             return None
         try:
-            base = await self._reader.arrays(base_ref)
-            state_ref = session.optimizer_state
-            state = await self._reader.arrays(state_ref) if state_ref is not None else None
+            base, state = await self._base(session, round_, base_ref)
             kwargs = json.loads(round_.config.aggregator_kwargs)
             aggregator = _fresh_aggregator(round_, kwargs, base, state)
         except StreamError as error:
@@ -263,6 +278,19 @@ class LogAggregation:
         )
         self._open[key] = aggregation
         return aggregation
+
+    async def _base(
+        self, session: Session, round_: Round, base_ref: TensorRef
+    ) -> tuple[NamedArrays, NamedArrays | None]:
+        """The round's base model and optimizer state: read once however many of its units run here
+        (aggregators only read them)."""
+        key = (round_.session_id, round_.round_id)
+        if key not in self._bases:
+            base = await self._reader.arrays(base_ref)
+            state_ref = session.optimizer_state
+            state = await self._reader.arrays(state_ref) if state_ref is not None else None
+            self._bases[key] = (base, state)
+        return self._bases[key]
 
     async def _fold(
         self, partition: int, session: Session, round_: Round, shard: int, update: UpdateReceived
@@ -352,6 +380,7 @@ class LogAggregation:
             await self._drop_non_finite(session, round_, aggregation)
             partial = aggregation.shardable.partial()
         await self._sink.partial(aggregation, partial)
+        self._forget(_key(round_, shard))  # its memory goes now, not when the round is aggregated
 
     async def _reduce(self, partition: int, session: Session, round_: Round) -> None:
         """Every shard has reported: add the partials in shard order and finalize, once."""
@@ -360,14 +389,13 @@ class LogAggregation:
             await self._sink.closed(session, round_, self._broken[_key(round_, REDUCE)])
             return
         started = time.perf_counter()
-        layout = BaseModel.of(aggregation.base)
+        layout, reduce = BaseModel.of(aggregation.base), aggregation.shardable
         try:
-            for shard in range(round_.shards):
+            for shard in range(round_.shards):  # each partial streams in: never one whole in memory
                 logged = round_.partials[shard]
-                arrays = await self._reader.arrays(logged.partial)
-                aggregation.shardable.absorb(
-                    Partial.of(arrays, layout, logged.total_weight, len(logged.update_ids))
-                )
+                Partial.check_specs(logged.partial.arrays, layout)
+                await self._stream(logged.partial, reduce.absorb_piece)
+                reduce.absorb_count(logged.total_weight, len(logged.update_ids))
                 aggregation.folded += [round_.accepted[uid] for uid in logged.update_ids]
             result = aggregation.aggregator.finalize()
         except StreamError as error:

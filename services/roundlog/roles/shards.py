@@ -16,6 +16,7 @@ machine closes the round, and folds the updates of its shards as they arrive.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Iterable, Sequence
@@ -33,6 +34,9 @@ from roundlog.roles.stream import Entry, PartitionFold
 from roundlog.tensors import TensorReader
 
 log = logging.getLogger("roundlog.shards")
+
+#: How often the membership consumer is polled: far below any max.poll.interval.ms.
+MEMBERSHIP_POLL_S = 1.0
 
 
 def shard_group(settings: Settings) -> str:
@@ -79,9 +83,11 @@ class ShardWorker:
             reduces=False,
         )
         self.folds: dict[int, PartitionFold] = {}
+        #: the tensors partitions whose shards this member folds; changed between batches only
         self.held: frozenset[int] = frozenset()
+        #: what the group gave this member last, until the fold loop takes it
+        self.given: frozenset[int] | None = None
         self.tensor_partitions = 1
-        self.moved = False
 
     def holds(self, shard: int, shards: int) -> bool:
         return holder_partition(shard, self.tensor_partitions) in self.held
@@ -92,14 +98,16 @@ class ShardWorker:
     async def run(self, stop: asyncio.Event) -> None:
         for client in (self.producer, self.events, self.tensors, self.membership):
             await client.start()
+        membership: asyncio.Task[None] | None = None
         try:
             await self._follow_from_replay_points()
             self.membership.subscribe([self.topics.tensors], listener=_Holdings(self))
+            membership = asyncio.create_task(self._stay_in_group(stop))
             while not stop.is_set():
-                await self.membership.getmany(timeout_ms=0)  # membership only: its partitions stay paused
-                if self.moved:
-                    self.moved = False
-                    await self._refold_held_shards()
+                if membership.done():
+                    membership.result()  # a membership that failed must not leave shards unfolded
+                if self.given is not None:
+                    await self._take(self.given)
                 batch = await self.events.getmany(timeout_ms=200, max_records=1000)
                 for tp, records in batch.items():
                     fold = self.folds[tp.partition]
@@ -110,6 +118,10 @@ class ShardWorker:
                         else:
                             await self.aggregation.apply(fold, entry, entry.decoded)
         finally:
+            if membership is not None:
+                membership.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await membership
             await self.membership.stop()  # leaves the group: its shards move on at once
             for client in (self.tensors, self.events, self.producer):
                 await client.stop()
@@ -126,26 +138,34 @@ class ShardWorker:
             self.folds[tp.partition].next_offset = start
             self.events.seek(tp, start)
 
-    async def _refold_held_shards(self) -> None:
-        """The held shards changed: drop every open shard and fold the held ones again from the log."""
-        self.aggregation.forget_all()
+    async def _stay_in_group(self, stop: asyncio.Event) -> None:
+        """Poll the membership consumer on its own, so a long fold never outlasts max.poll.interval.ms
+        (its partitions are paused: the polls run the group's heartbeats and rebalances, no fetches)."""
+        while not stop.is_set():
+            await self.membership.getmany(timeout_ms=0)
+            await asyncio.sleep(MEMBERSHIP_POLL_S)
+
+    async def _take(self, given: frozenset[int]) -> None:
+        """Between batches: drop the shards that went elsewhere, fold the new ones from the log."""
+        self.given = None
+        self.held = given
+        self.aggregation.forget_unheld()
         for fold in self.folds.values():
             await self.aggregation.resume(fold)
-        log.info("holding tensors partitions %s: folding their shards", sorted(self.held))
+        log.info("holding tensors partitions %s: folding their shards", sorted(given))
 
 
 class _Holdings(ConsumerRebalanceListener):
-    """Records which tensors partitions the group gave this member, and pauses them."""
+    """Records which tensors partitions the group gave this member (the fold loop takes them between
+    batches, so a shard's fold never changes hands halfway), and pauses them."""
 
     def __init__(self, worker: ShardWorker) -> None:
         self._worker = worker
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        self._worker.held = frozenset()
-        self._worker.moved = True
+        self._worker.given = frozenset()
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         partitions = list(assigned)
         self._worker.membership.pause(*partitions)
-        self._worker.held = frozenset(tp.partition for tp in partitions)
-        self._worker.moved = True
+        self._worker.given = frozenset(tp.partition for tp in partitions)
