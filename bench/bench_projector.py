@@ -58,6 +58,7 @@ from roundlog.domain.events import (
     TensorRef,
     UpdateReceived,
     partition_key,
+    update_id_for,
 )
 from roundlog.embedded import stack_settings
 from roundlog.projections.schema import upgrade
@@ -125,7 +126,7 @@ def session(n: int, rounds: int, clients: int) -> Iterator[Event]:
             model=ref(model),
             config=config,
         )  # type: ignore[arg-type]
-        updates = [f"{rid}-{c}" for c in names]
+        updates = [update_id_for(rid, c) for c in names]  # the one id the fold accepts from c
         for client, uid in zip(names, updates, strict=True):
             yield UpdateReceived(
                 **stamp(),
@@ -154,7 +155,7 @@ def session(n: int, rounds: int, clients: int) -> Iterator[Event]:
                 session_id=sid,
                 round_id=rid,
                 client_id=names[0],
-                update_id=f"{rid}-late",
+                update_id=f"{rid}-late",  # refused whatever its id: the round has closed
                 num_examples=1,
                 tensor=ref("late"),
             )  # type: ignore[arg-type]
