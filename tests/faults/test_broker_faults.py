@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 
 from roundlog.audit import verify_models
 from roundlog.bus import Consumer, Topics, make_consumer
@@ -157,7 +158,10 @@ async def fully_replicated(settings: Settings, topics: Topics, timeout: float = 
     """Wait until every partition of roundlog's topics has all three replicas in sync."""
     async with asyncio.timeout(timeout):
         while True:
-            described = await _describe(settings, list(topics.all()))
+            try:
+                described = await _describe(settings, list(topics.all()))
+            except KafkaError:  # the node asked is the one just restarted, not ready yet: not in sync either
+                described = []
             partitions = [p for t in described for p in t["partitions"]]
             if partitions and all(len(p["isr"]) == 3 and p["leader"] >= 0 for p in partitions):
                 return
