@@ -30,15 +30,12 @@ import uuid
 
 import numpy as np
 from machine import describe
-from rounds import collecting_round
+from rounds import collecting_round, updates
 
 from roundlog.bus import Topics, create_topics, make_consumer, make_producer, publish
-from roundlog.clock import utc_now
 from roundlog.config import Settings
 from roundlog.domain.events import (
     RoundAggregated,
-    UpdateReceived,
-    update_id_for,
 )
 from roundlog.embedded import stack_settings
 from roundlog.roles.stream import Entry
@@ -83,23 +80,10 @@ async def one_round(settings: Settings, clients: int, megabytes: int, distinct: 
     )
     names = [f"client-{i}" for i in range(clients)]
     sid, rid, setup = collecting_round("base", base_ref, tuple(names))
-    now = utc_now()
-    updates = [
-        UpdateReceived(
-            event_id=str(uuid.uuid4()),
-            occurred_at=now,
-            session_id=sid,
-            round_id=rid,
-            client_id=name,
-            update_id=update_id_for(rid, name),
-            num_examples=100 + i % 7,
-            tensor=blobs[i % distinct],
-        )
-        for i, name in enumerate(names)
-    ]
+    submitted = updates(sid, rid, names, [blobs[i % distinct] for i in range(len(names))])
     await publish(producer, topics, setup)
     started = time.perf_counter()
-    await publish(producer, topics, updates)
+    await publish(producer, topics, submitted)
     consumer = make_consumer(settings)
     await consumer.start()
     consumer.subscribe([topics.events])

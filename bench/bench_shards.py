@@ -57,7 +57,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.protocol.admin import DescribeGroupsRequest
 from bench_aggregator import MB, model, peak_rss_mb
 from machine import describe
-from rounds import collecting_round
+from rounds import collecting_round, updates
 
 from roundlog.bus import Topics, create_topics, make_consumer, make_producer, partition_for, publish
 from roundlog.clock import utc_now
@@ -68,7 +68,6 @@ from roundlog.domain.events import (
     RoundFailed,
     ShardAggregated,
     TensorRef,
-    UpdateReceived,
     update_id_for,
 )
 from roundlog.embedded import stack_settings
@@ -345,20 +344,7 @@ async def one_round(
     consumer = make_consumer(settings)
     try:
         group_s = await wait_for_groups(settings, processes, logs, settings.partitions)
-        now = utc_now()
-        updates = [
-            UpdateReceived(
-                event_id=str(uuid.uuid4()),
-                occurred_at=now,
-                session_id=sid,
-                round_id=rid,
-                client_id=name,
-                update_id=update_id_for(rid, name),
-                num_examples=100 + i % 7,
-                tensor=refs[i],
-            )
-            for i, name in enumerate(names)
-        ]
+        submitted = updates(sid, rid, names, refs)
         await publish(producer, topics, setup)
         await consumer.start()
         consumer.subscribe([topics.events])
@@ -366,7 +352,7 @@ async def one_round(
         cpu_before = CpuWindow.sample([p.pid for p in processes], brokers)
         started_utc = utc_now()
         started = time.perf_counter()
-        await publish(producer, topics, updates)
+        await publish(producer, topics, submitted)
         partials: dict[int, ShardAggregated] = {}
         aggregated: RoundAggregated | None = None
         while aggregated is None:

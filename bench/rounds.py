@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import timedelta
 
 from roundlog.clock import utc_now
@@ -15,6 +16,8 @@ from roundlog.domain.events import (
     SessionStarted,
     Task,
     TensorRef,
+    UpdateReceived,
+    update_id_for,
 )
 
 
@@ -68,3 +71,21 @@ def collecting_round(
             ),
         ],
     )
+
+
+def updates(sid: str, rid: str, clients: Sequence[str], tensors: Sequence[TensorRef]) -> list[UpdateReceived]:
+    """Each client's update of the round, weighted 100 + i % 7, pointing at ``tensors[i]``."""
+    now = utc_now()
+    return [
+        UpdateReceived(
+            event_id=str(uuid.uuid4()),
+            occurred_at=now,
+            session_id=sid,
+            round_id=rid,
+            client_id=name,
+            update_id=update_id_for(rid, name),
+            num_examples=100 + i % 7,
+            tensor=tensor,
+        )
+        for i, (name, tensor) in enumerate(zip(clients, tensors, strict=True))
+    ]
