@@ -133,17 +133,18 @@ class FoldingRole(ConsumerRebalanceListener):
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         async with self.busy:
             try:
+                partitions = len(await self.reader_consumer.topic_partitions(self.topics.events))
                 for tp in assigned:
-                    await self._recover(tp)
+                    await self._recover(tp, partitions)
             except Exception as error:
                 self.failure = error  # aiokafka logs and swallows a listener's error; the loop raises it
                 raise
 
-    async def _recover(self, tp: TopicPartition) -> None:
-        """Re-fold a new partition from its replay point to its end, then let the role resume."""
+    async def _recover(self, tp: TopicPartition, partitions: int) -> None:
+        """Re-fold a new partition (of the topic's ``partitions``) from its replay point to its end,
+        then let the role resume."""
         start = await self.consumer.committed(tp) or 0
         end = (await self.consumer.end_offsets([tp]))[tp]
-        partitions = len(await self.reader_consumer.topic_partitions(self.topics.events))
         fold = PartitionFold.for_settings(tp.partition, partitions, self.settings)
         await refold(self.reader_consumer, self.topics.events, fold, start, end)
         self.folds[tp.partition] = fold
