@@ -9,6 +9,7 @@ until the files are written again.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import uuid
@@ -27,7 +28,6 @@ from roundlog.client import submission_event_id
 from roundlog.codec import HEADER_SIZE, encode, schema_json
 from roundlog.domain.authority import KEY_HEADER, SIGNATURE_HEADER, SIGNING_CONTEXT
 from roundlog.domain.events import (
-    ArraySpec,
     ClientHeartbeat,
     ClientRole,
     ClientsAssigned,
@@ -358,21 +358,8 @@ def tensor_vectors() -> dict[str, Any]:
     }
 
 
-def _ref_json(ref: TensorRef) -> dict[str, Any]:
-    return {
-        "key": ref.key,
-        "partition": ref.partition,
-        "first_offset": ref.first_offset,
-        "last_offset": ref.last_offset,
-        "chunks": ref.chunks,
-        "nbytes": ref.nbytes,
-        "sha256": ref.sha256,
-        "arrays": [_spec_json(spec) for spec in ref.arrays],
-    }
-
-
-def _spec_json(spec: ArraySpec) -> dict[str, Any]:
-    return {"name": spec.name, "dtype": spec.dtype, "shape": list(spec.shape)}
+def _ref_json(ref: TensorRef) -> Any:
+    return json.loads(json.dumps(dataclasses.asdict(ref)))  # tuples as JSON lists
 
 
 def id_vectors() -> dict[str, Any]:
