@@ -173,6 +173,21 @@ def test_a_heartbeat_heard_while_the_coordinator_decides_counts() -> None:
     assert live.live(T0, timedelta(seconds=10), ClientRole.TRAINER) == ["alice"]
 
 
+def test_silence_from_every_client_at_once_is_a_stall_for_as_long_as_patience_lasts() -> None:
+    """A broker failing over holds every heartbeat back; the round should wait for the clients
+    topic, not fail for want of clients (a fault test's round failed with 0 live trainers)."""
+    s, live = Script(), Liveness()
+    ttl, patience = timedelta(seconds=10), timedelta(seconds=60)
+    assert not live.stalled(T0, ttl, patience)  # never heard anyone: nothing went quiet
+    live.heard(s.heartbeat("alice"), at=T0)
+    live.heard(s.heartbeat("bob"), at=T0 + timedelta(seconds=4))
+    assert not live.stalled(T0 + timedelta(seconds=12), ttl, patience)  # bob still talks: alice left
+    assert live.live(T0 + timedelta(seconds=15), ttl, ClientRole.TRAINER) == []
+    assert live.stalled(T0 + timedelta(seconds=15), ttl, patience)
+    assert live.stalled(T0 + timedelta(seconds=74), ttl, patience)
+    assert not live.stalled(T0 + timedelta(seconds=75), ttl, patience)  # patience spent: they are gone
+
+
 def test_the_weight_share_policy_leaves_out_the_updates_above_their_share_of_the_closed_round() -> None:
     s, ledger = Script(config=RoundConfig(round_timeout=60, buffer_size=-1, max_weight_share=0.5)), Ledger()
     for event in (s.started(), s.requested(max_weight_share=0.5), s.staged(), s.assigned()):

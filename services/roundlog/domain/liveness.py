@@ -8,6 +8,11 @@ coordinator gave each heartbeat (``heard_at``), and a later heartbeat always cou
 Where events are signed, heartbeats are kept per signing key: whether a key may speak for
 a client is the registry's answer at the moment of sampling (``admits``), and a heartbeat
 signed by some other key must not displace the client's own.
+
+Silence from every client at once is read as a stall of the clients topic (a broker paused
+or failing over holds every heartbeat back), not as a fleet that died together: ``stalled``
+lets the coordinator wait for the stream to speak again rather than fail rounds for want of
+clients it cannot hear.
 """
 
 from __future__ import annotations
@@ -58,3 +63,11 @@ class Liveness:
                 and (admits is None or admits(key_id, client_id))
             }
         )
+
+    def stalled(self, now: datetime, ttl: timedelta, patience: timedelta) -> bool:
+        """Whether no client at all has been heard for longer than ``ttl`` but not yet ``ttl +
+        patience``: clients were heard before, so the stream went quiet rather than never spoke."""
+        if not self.last_heard:
+            return False
+        silence = now - max(heard.at for heard in self.last_heard.values())
+        return ttl < silence <= ttl + patience

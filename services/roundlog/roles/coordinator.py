@@ -73,6 +73,8 @@ class CoordinatorRole(FoldingRole):
         self.hearing: asyncio.Task[None] | None = None
         #: ids this process has emitted and not yet seen back, so it does not emit them twice
         self.emitted: set[str] = set()
+        #: rounds already told to wait for a silent clients topic (logged once each)
+        self.waiting_for_heartbeats: set[str] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.heartbeat_consumer.start()
@@ -200,15 +202,26 @@ class CoordinatorRole(FoldingRole):
             **ids,
         )
 
-    def _assign(self, fold: PartitionFold, session: Session, round_: Round, now: datetime) -> Event:
-        """Sample up to max_clients live clients of the round's role, or fail the round for too few.
-        Where events are signed, a client counts only if its heartbeat's key may speak for it here."""
+    def _assign(self, fold: PartitionFold, session: Session, round_: Round, now: datetime) -> Event | None:
+        """Sample up to max_clients live clients of the round's role, or fail the round for too few,
+        unless every client fell silent at once: then wait, up to the round's timeout, for the
+        clients topic to speak again. Where events are signed, a client counts only if its
+        heartbeat's key may speak for it here."""
         ids = {"session_id": session.session_id, "round_id": round_.round_id}
         role = ClientRole.TRAINER if round_.task == Task.TRAINING else ClientRole.VALIDATOR
         authority = fold.ledger.authority
         live = self.clients.live(now, self.client_ttl, role, authority.speaks_for if authority else None)
         config = round_.config
         if len(live) < max(1, config.clients_required):
+            if self.clients.stalled(now, self.client_ttl, timedelta(seconds=config.round_timeout)):
+                if round_.round_id not in self.waiting_for_heartbeats:
+                    self.waiting_for_heartbeats.add(round_.round_id)
+                    log.warning(
+                        "no client heard for %s: round %s waits for heartbeats",
+                        self.client_ttl,
+                        round_.round_id,
+                    )
+                return None
             return RoundFailed(
                 event_id=derived_id(round_.round_id, "failed"),
                 occurred_at=now,
