@@ -9,6 +9,7 @@ streams in, never materialised whole. Pure numpy: no I/O here.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Iterable, Iterator, Sequence
@@ -166,8 +167,11 @@ def _layout(spec: ArraySpec) -> _Layout:
     return _Layout(dtype=dtype, count=math.prod(spec.shape))
 
 
-def declared_nbytes(specs: Sequence[ArraySpec]) -> int:
-    """Bytes the arrays of ``specs`` hold; a StreamError if a dtype or shape cannot be streamed."""
+@functools.lru_cache(maxsize=256)
+def declared_nbytes(specs: tuple[ArraySpec, ...]) -> int:
+    """Bytes the arrays of ``specs`` hold; a StreamError if a dtype or shape cannot be streamed.
+
+    Cached: every update of a round declares its model's layout again (the fold checks each)."""
     return sum(lay.count * lay.dtype.itemsize for lay in map(_layout, specs))
 
 

@@ -416,6 +416,13 @@ def db_downgrade(args: argparse.Namespace) -> int:
             "--limit", type=int, default=20, metavar="N", help="differing rows shown per table (default: 20)"
         ),
         arg(
+            "--jobs",
+            type=int,
+            default=None,
+            metavar="N",
+            help="processes that rebuild the partitions side by side (default: one per core)",
+        ),
+        arg(
             "--verify-models",
             action="store_true",
             help="also re-fold every round and check each model's sha256",
@@ -442,6 +449,7 @@ def replay_command(args: argparse.Namespace) -> int:
                     lambda done, total: bar.update(task, completed=done, total=total),
                     args.live_schema,
                     args.limit,
+                    args.jobs,
                 )
             )
     except ValueError as exc:

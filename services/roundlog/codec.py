@@ -7,6 +7,8 @@ resolves any released writer version into the current reader schema: old events 
 
 Events and Avro records convert into each other generically, from the dataclasses' type hints;
 converters are compiled once per type, so the hot path is a dict build plus fastavro's C reader.
+The projector also wants each event as JSON: ``decode_with_json`` writes it from the same Avro
+record the event is built from (orjson, in C), so a record is decoded once and walked once.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from importlib.resources.abc import Traversable
 from typing import Any, Literal
 
 import fastavro
+import orjson
 from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
 from fastavro.types import Schema
 
@@ -61,7 +64,7 @@ class _Direction:
     record: Callable[[type[Any], list[tuple[str, _Convert | None]]], _Convert]
     array: Callable[[_Convert | None], _Convert | None]
     map: Callable[[_Convert | None], _Convert | None]
-    enum: Callable[[type[enum.Enum]], _Convert]
+    enum: Callable[[type[enum.Enum]], _Convert | None]
     timestamp: _Convert | None
     double: _Convert | None
 
@@ -106,14 +109,34 @@ def _to_dict(_cls: type[Any], fields: list[tuple[str, _Convert | None]]) -> _Con
 
 def _from_dict(cls: type[Any], fields: list[tuple[str, _Convert | None]]) -> _Convert:
     converted = [(name, conv) for name, conv in fields if conv is not None]
+    build = _builder(cls)
 
     def convert(record: dict[str, Any]) -> Any:
         # The record is fastavro's fresh dict with exactly the reader schema's fields: reuse it.
         for name, conv in converted:
             record[name] = conv(record[name])
-        return cls(**record)
+        return build(record)
 
     return convert
+
+
+def _builder(cls: type[Any]) -> _Convert:
+    """How a complete field dict becomes a ``cls``: as the instance's own ``__dict__``.
+
+    A frozen dataclass's ``__init__`` spends ~2 us on one guarded setattr per field, and a
+    decoded record already holds every field, typed by its schema. A class with a
+    ``__post_init__`` (or slots) goes through ``__init__``.
+    """
+    if hasattr(cls, "__post_init__") or hasattr(cls, "__slots__"):
+        return lambda record: cls(**record)
+    new, set_attribute = object.__new__, object.__setattr__
+
+    def build(record: dict[str, Any]) -> Any:
+        instance = new(cls)
+        set_attribute(instance, "__dict__", record)
+        return instance
+
+    return build
 
 
 def _list_of(item: _Convert | None) -> _Convert:
@@ -135,7 +158,12 @@ def _millis(value: datetime) -> datetime:
     return value
 
 
-def _json_double(value: float) -> float | str:
+def _iso(value: datetime) -> str:
+    """A time as JSON: ISO 8601 in UTC to the millisecond, as timestamp-millis holds it."""
+    return value.astimezone(UTC).isoformat(timespec="milliseconds")
+
+
+def json_double(value: float) -> float | str:
     """JSON (and PostgreSQL JSONB) has no NaN or infinities: spell them as strings, as protobuf does."""
     if math.isfinite(value):
         return value
@@ -165,8 +193,34 @@ _TO_JSON = _Direction(
     array=_list_of,
     map=_dict_of,
     enum=lambda _cls: _value,
-    timestamp=lambda v: v.astimezone(UTC).isoformat(timespec="milliseconds"),
-    double=_json_double,
+    timestamp=_iso,
+    double=json_double,
+)
+
+
+def _never(_value: Any) -> bool:
+    return False
+
+
+def _any_field(_cls: type[Any], fields: list[tuple[str, _Convert | None]]) -> _Convert:
+    checks = [(name, check) for name, check in fields if check is not None and check is not _never]
+    if not checks:
+        return _never
+    return lambda record: any(check(record[name]) for name, check in checks)
+
+
+def _any_of(item: _Convert | None) -> _Convert | None:
+    return None if item is None or item is _never else lambda v: any(item(x) for x in v)
+
+
+#: Whether an Avro record (fastavro's dict) holds a double JSON cannot spell as a number.
+_NON_FINITE = _Direction(
+    record=_any_field,
+    array=_any_of,
+    map=lambda value: None if (each := _any_of(value)) is None else lambda v: each(v.values()),
+    enum=lambda _cls: None,
+    timestamp=None,
+    double=lambda v: not math.isfinite(v),
 )
 
 _EVENT_TO_JSON: dict[type[Any], _Convert] = {t: _compile_record(t, _TO_JSON) for t in EVENT_TYPES}
@@ -188,6 +242,7 @@ class _Reader:
     writer: Schema
     reader: Schema | None  # None: the writer is the current schema, no resolution needed
     from_avro: _Convert
+    non_finite: _Convert
 
 
 class _EndProbe(io.BytesIO):
@@ -239,16 +294,17 @@ class SchemaCatalog:
                 raise ValueError(f"{name}.avsc fields {schema_fields} do not mirror the dataclass")
             parsed = parse_schema(current)
             from_avro = _compile_record(event_type, _FROM_AVRO)
+            non_finite = _compile_record(event_type, _NON_FINITE)
             header = MAGIC + _fingerprint(current)
             self._json[event_type] = json.dumps(current)
             self._writers[event_type] = _Writer(header, parsed, _compile_record(event_type, _TO_AVRO))
-            self._readers[header[len(MAGIC) :]] = _Reader(name, parsed, None, from_avro)
+            self._readers[header[len(MAGIC) :]] = _Reader(name, parsed, None, from_avro, non_finite)
             versions = history / name
             for path in versions.iterdir() if versions.is_dir() else ():
                 if path.name.endswith(".avsc"):
                     old = _load(path, name)
                     self._readers.setdefault(
-                        _fingerprint(old), _Reader(name, parse_schema(old), parsed, from_avro)
+                        _fingerprint(old), _Reader(name, parse_schema(old), parsed, from_avro, non_finite)
                     )
 
     def encode(self, event: Event) -> bytes:
@@ -261,6 +317,28 @@ class SchemaCatalog:
 
     def decode(self, data: bytes) -> Event | DecodeError:
         """The event in ``data``, in its current dataclass shape; never raises on bad bytes."""
+        read = self._read(data)
+        if isinstance(read, DecodeError):
+            return read
+        reader, record = read
+        event: Event = reader.from_avro(record)
+        return event
+
+    def decode_with_json(self, data: bytes) -> tuple[Event | DecodeError, str | None]:
+        """The event in ``data`` and its JSON (``event_to_json``'s, as text), from one read."""
+        read = self._read(data)
+        if isinstance(read, DecodeError):
+            return read, None
+        reader, record = read
+        if reader.non_finite(record):  # rare: JSON spells these as strings, which the event knows how to
+            event: Event = reader.from_avro(record)
+            return event, json_text(event_to_json(event))
+        # Before from_avro, which turns the record's parts into dataclasses in place.
+        text = orjson.dumps(record, default=_iso, option=orjson.OPT_PASSTHROUGH_DATETIME).decode()
+        return reader.from_avro(record), text
+
+    def _read(self, data: bytes) -> tuple[_Reader, dict[str, Any]] | DecodeError:
+        """The Avro record in ``data`` (resolved to the current schema) and its reader."""
         if not MAGIC.startswith(data[:2]):
             return DecodeError("bad_magic", f"expected single-object marker c3 01, got {data[:2].hex(' ')}")
         if len(data) < HEADER_SIZE:
@@ -280,8 +358,7 @@ class SchemaCatalog:
             return DecodeError(
                 "trailing_bytes", f"{len(data) - buf.tell()} bytes after a complete {reader.name} body"
             )
-        event: Event = reader.from_avro(record)
-        return event
+        return reader, typing.cast(dict[str, Any], record)
 
     def schema_json(self, event_type: type[Event]) -> dict[str, Any]:
         """The current schema of ``event_type`` as in its .avsc file (a fresh copy, safe to mutate)."""
@@ -313,6 +390,16 @@ def encode(event: Event) -> bytes:
 def decode(data: bytes) -> Event | DecodeError:
     """The event in ``data``, or why there is none; never raises on bad bytes."""
     return default_catalog().decode(data)
+
+
+def decode_with_json(data: bytes) -> tuple[Event | DecodeError, str | None]:
+    """The event in ``data`` (or why there is none) and its JSON text, from one Avro read."""
+    return default_catalog().decode_with_json(data)
+
+
+def json_text(value: Any) -> str:
+    """Compact JSON of a JSON-safe value (``event_to_json``'s output and the like)."""
+    return orjson.dumps(value).decode()
 
 
 def schema_json(event_type: type[Event]) -> dict[str, Any]:

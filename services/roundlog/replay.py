@@ -3,17 +3,22 @@ against the live one row by row. Replay is the audit: same log, same fold, same 
 
 The replay runs the projector's own code (``Projector``) with every partition assigned and
 no consumer group, up to the high-water marks taken when it starts, and writes no dead
-letters. The comparison ignores only the columns that record when a row was written, and
-the projector's offsets.
+letters. The fold is CPU-bound and each partition folds alone, so the partitions are shared
+out over processes (``jobs``) that write into the same schema, each its own partitions' rows:
+the rows are those of a sequential rebuild. The comparison, in SQL, ignores only the columns
+that record when a row was written, and the projector's offsets.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
+import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,16 +123,28 @@ async def replay(
     progress: Progress | None = None,
     live_schema: str = "public",
     limit: int = 20,
+    jobs: int | None = None,
 ) -> ReplayReport:
-    """Project the whole log into a fresh ``schema`` and compare it with ``live_schema``."""
+    """Project the whole log into a fresh ``schema`` and compare it with ``live_schema``.
+
+    ``jobs`` processes share the partitions (default: one per core, at most one per partition
+    that holds records); 1 projects in this process.
+    """
     if not (SCHEMA_NAME.fullmatch(schema) and SCHEMA_NAME.fullmatch(live_schema)) or schema == live_schema:
         raise ValueError(
             f"schemas must be two different lower-case identifiers, not {schema!r} and {live_schema!r}"
         )
+    if jobs is not None and jobs < 1:
+        raise ValueError(f"jobs must be at least 1, not {jobs}")
     await asyncio.to_thread(recreate_schema, settings.database_url, schema)
     report = ReplayReport(schema, live_schema)
+    ends = await _high_water_marks(settings)
+    groups = share_out(ends, jobs or os.cpu_count() or 1)
     started = time.monotonic()
-    report.records, ends = await _project(settings, schema, progress)
+    if len(groups) <= 1:
+        report.records = await _project(settings, schema, ends, progress)
+    else:
+        report.records = await _project_in_processes(settings, schema, groups, progress)
     report.seconds = time.monotonic() - started
     report.ends = {_name(tp): end for tp, end in sorted(ends.items())}
     async with await psycopg.AsyncConnection.connect(libpq_url(settings.database_url)) as conn:
@@ -141,18 +158,41 @@ def _name(tp: TopicPartition) -> str:
     return f"{tp.topic}[{tp.partition}]"
 
 
-async def _project(
-    settings: Settings, schema: str, progress: Progress | None
-) -> tuple[int, dict[TopicPartition, int]]:
-    """Every record below the high-water marks taken now, through the projector; returns how many."""
+async def _high_water_marks(settings: Settings) -> dict[TopicPartition, int]:
+    """Where every partition of the events and clients topics ends now: the replay stops there."""
     topics = Topics.from_prefix(settings.topic_prefix)
-    fewer_collections()
     consumer = make_consumer(settings)
     await consumer.start()
     try:
         partitions = await consumer.topic_partitions(topics.events, topics.clients)
         ends: dict[TopicPartition, int] = await consumer.end_offsets(partitions)
-        total = sum(ends.values())
+        return ends
+    finally:
+        await consumer.stop()
+
+
+def share_out(ends: Mapping[TopicPartition, int], jobs: int) -> list[dict[TopicPartition, int]]:
+    """The partitions in at most ``jobs`` groups of about equal records (largest first, each to
+    the lightest group); empty partitions ride along with the first group."""
+    loaded = sorted((tp for tp, end in ends.items() if end > 0), key=lambda tp: (-ends[tp], tp))
+    groups: list[dict[TopicPartition, int]] = [{} for _ in range(max(1, min(jobs, len(loaded))))]
+    for tp in loaded:
+        min(groups, key=lambda g: sum(g.values()))[tp] = ends[tp]
+    groups[0].update({tp: end for tp, end in ends.items() if end == 0})
+    return groups
+
+
+async def _project(
+    settings: Settings, schema: str, ends: Mapping[TopicPartition, int], progress: Progress | None
+) -> int:
+    """Every record of ``ends``' partitions below its high-water mark, through the projector;
+    returns how many."""
+    fewer_collections()
+    total = sum(ends.values())
+    consumer = make_consumer(settings)
+    await consumer.start()
+    try:
+        partitions = sorted(ends)
         consumer.assign(partitions)
         async with projector_for(settings, schema, dead_letters=False) as projector:
             await projector.restore(consumer, partitions)
@@ -173,9 +213,43 @@ async def _project(
                 if done():
                     await projector.flush(consumer)  # a failed last write restores the folds: not done then
                     if done():
-                        return projector.projected, ends
+                        return projector.projected
     finally:
         await consumer.stop()
+
+
+def _project_group(settings: Settings, schema: str, ends: dict[TopicPartition, int]) -> int:
+    """A replay process's work: its group of partitions."""
+    return asyncio.run(_project(settings, schema, ends, None))
+
+
+async def _project_in_processes(
+    settings: Settings, schema: str, groups: list[dict[TopicPartition, int]], progress: Progress | None
+) -> int:
+    """Each group in a process of its own (spawned: a forked event loop and its sockets are not
+    the child's); progress is read from the offsets the processes commit."""
+    total = sum(sum(group.values()) for group in groups)
+    loop = asyncio.get_running_loop()
+    context = multiprocessing.get_context("spawn")
+    offsets = _qualified(schema, "projector_offsets")
+    async with await psycopg.AsyncConnection.connect(
+        libpq_url(settings.database_url), autocommit=True
+    ) as conn:
+        with ProcessPoolExecutor(len(groups), mp_context=context) as pool:
+            running = [loop.run_in_executor(pool, _project_group, settings, schema, g) for g in groups]
+            pending: set[asyncio.Future[int]] = set(running)
+            while pending:
+                finished, pending = await asyncio.wait(pending, timeout=0.5)
+                for future in finished:
+                    future.result()  # a process that failed fails the replay now
+                if progress is not None:
+                    cursor = await conn.execute(
+                        f"SELECT coalesce(sum(next_offset), 0) FROM {offsets} WHERE consumer = %s",
+                        [consumer_name(settings)],
+                    )
+                    (committed,) = await cursor.fetchone() or (0,)
+                    progress(int(committed), total)
+            return sum(future.result() for future in running)
 
 
 async def _live_offsets(conn: psycopg.AsyncConnection[Any], schema: str, consumer: str) -> dict[str, int]:

@@ -342,9 +342,14 @@ async def test_replay_is_identical_and_finds_a_tampered_row(
     await produce(settings, [*records_of(names, traffic(seed=5, sessions=6)), (names.events, b"k", b"junk")])
     await project(settings, names)
 
-    report = await replay(settings, "audit")
+    report = await replay(settings, "audit")  # a process per core
     assert report.identical and not report.lagging, report.render()
     assert {t.table: t.live_rows for t in report.tables}["events"] > 100
+    # Processes sharing the partitions build what one process building them in turn builds.
+    sequential = await replay(settings, "sequential", jobs=1)
+    parallel = await replay(settings, "parallel", live_schema="sequential", jobs=3)
+    assert parallel.identical, parallel.render()
+    assert parallel.records == sequential.records == sum(sequential.ends.values())
 
     await execute(settings, "UPDATE rounds SET state = 'failed' WHERE round_id = 's1-r1'")
     for name, value in settings.env().items():

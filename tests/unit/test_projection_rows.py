@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from roundlog.codec import decode, encode
+from roundlog.codec import decode, decode_with_json, encode, event_to_json
 from roundlog.domain.events import ClientRole, Event, ModelImported, Task
 from roundlog.projections.rows import EVENT_COLUMNS, UPDATE_COLUMNS, BatchRows, storable
 from roundlog.roles.projector import fold_entry
@@ -198,9 +198,11 @@ def test_text_postgresql_cannot_hold_is_made_storable_before_the_fold() -> None:
     s = Script()
     event = s.update("a\x00b", "s1-r1")
     event = type(event)(**{**event.__dict__, "metrics": {"lo\x00ss": float("nan")}})
-    clean, payload, text = storable(event)
-    assert clean.client_id == "a\ufffdb" and payload["metrics"] == {"lo\ufffdss": "NaN"}  # type: ignore[union-attr]
-    assert json.loads(text) == payload and "\\u0000" not in text
+    clean, text = storable(event)
+    assert clean.client_id == "a\ufffdb" and json.loads(text)["metrics"] == {"lo\ufffdss": "NaN"}  # type: ignore[union-attr]
+    assert json.loads(text) == event_to_json(clean) and "\\u0000" not in text
+    _, decoded_text = decode_with_json(encode(event))
+    assert storable(event, decoded_text)[1] == text, "the same whether the decoder wrote the JSON or not"
     plain = s.update("a", "s1-r1")
     assert storable(plain)[0] is plain, "events without NUL pass through untouched"
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from roundlog.codec import DecodeError, event_to_json, event_type_name
+from roundlog.codec import DecodeError, event_to_json, event_type_name, json_double, json_text
 from roundlog.domain.events import (
     ClientHeartbeat,
     ClientsAssigned,
@@ -44,9 +44,6 @@ from roundlog.domain.session import Outcome, Session, SessionState
 from roundlog.roles.stream import HEAD_BYTES, Entry
 
 ACCEPTED, REJECTED = "accepted", "rejected"
-
-#: Compact JSON, with one encoder for every call (``json.dumps`` with options builds one per call).
-_to_json = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 
 #: Column order of the rows COPY writes into ``events`` and ``round_updates``.
 EVENT_COLUMNS = (
@@ -89,8 +86,7 @@ class Folded(NamedTuple):
     outcome: Outcome
     #: the session the event belongs to, if the ledger knows it (also when this event finished it)
     session: Session | None
-    #: the event as JSON, as a dict and as the text the ``events`` row stores
-    payload: dict[str, Any]
+    #: the event as JSON, the text the ``events`` row stores
     text: str
 
 
@@ -134,20 +130,19 @@ def _key_id(entry: Entry) -> str | None:
     return entry.seal.key_id[:200] if entry.seal is not None else None
 
 
-def storable(event: Event) -> tuple[Event, dict[str, Any], str]:
-    """The event as PostgreSQL can hold it, with its JSON (dict and text).
+def storable(event: Event, text: str | None = None) -> tuple[Event, str]:
+    """The event as PostgreSQL can hold it, with its JSON text (``text``, if the decoder wrote it).
 
     Text and JSONB cannot hold a NUL character, so NULs become U+FFFD, in the event itself
     before it is folded: every row derived from it is then storable, and a fold that runs
     this same step (live or restored) takes the same decisions.
     """
-    payload = event_to_json(event)
-    text = _to_json(payload)
+    if text is None:
+        text = json_text(event_to_json(event))
     if "\\u0000" not in text:
-        return event, payload, text
+        return event, text
     clean: Event = _without_nul(event)
-    payload = event_to_json(clean)
-    return clean, payload, _to_json(payload)
+    return clean, json_text(event_to_json(clean))
 
 
 def _without_nul(value: Any) -> Any:
@@ -398,16 +393,16 @@ class BatchRows:
                     REJECTED if refusal else ACCEPTED,
                     refusal.reason.value if refusal else None,
                     refusal.detail if refusal else None,
-                    _to_json(item.payload["metrics"]),
+                    json_text(_metrics(event.metrics)),
                     event.tensor.sha256,
                     event.tensor.nbytes,
                     event.occurred_at,
                 )
             )
         if refusal is None:
-            self._applied(item.entry, event, item.payload, session)
+            self._applied(item.entry, event, session)
 
-    def _applied(self, entry: Entry, event: Event, payload: dict[str, Any], session: Session | None) -> None:
+    def _applied(self, entry: Entry, event: Event, session: Session | None) -> None:
         if isinstance(event, ClientHeartbeat):
             self.heartbeat(event, entry)
         elif isinstance(event, KeyRegistered):
@@ -437,9 +432,9 @@ class BatchRows:
         elif isinstance(event, _RESULTS):
             self._reported(event.round_id, event.client_id, event.occurred_at)
             if isinstance(event, ValidationReceived):
-                self.validations.append({**_result_row(event, payload), "num_examples": event.num_examples})
+                self.validations.append({**_result_row(event), "num_examples": event.num_examples})
             elif isinstance(event, PredictionReceived):
-                self.predictions.append({**_result_row(event, payload), "summary": event.summary})
+                self.predictions.append({**_result_row(event), "summary": event.summary})
         elif isinstance(event, UpdateRejected):
             self.update_flips.append(
                 {
@@ -503,13 +498,18 @@ class BatchRows:
         self.round_rows = [round_row(round_, received) for round_, received in self._rounds.values()]
 
 
-def _result_row(event: ValidationReceived | PredictionReceived, payload: dict[str, Any]) -> dict[str, Any]:
+def _metrics(metrics: Mapping[str, float]) -> dict[str, float | str]:
+    """Metrics as JSON holds them (non-finite values spelled as strings, as in the payload)."""
+    return {name: json_double(value) for name, value in metrics.items()}
+
+
+def _result_row(event: ValidationReceived | PredictionReceived) -> dict[str, Any]:
     return {
         "round_id": event.round_id,
         "client_id": event.client_id,
         "session_id": event.session_id,
         "model_id": event.model_id,
-        "metrics": payload["metrics"],
+        "metrics": _metrics(event.metrics),
         "received_at": event.occurred_at,
         "event_id": event.event_id,
     }

@@ -13,7 +13,7 @@ both believe they own a partition can never both write it.
 from __future__ import annotations
 
 import contextlib
-import json
+import operator
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +24,7 @@ from psycopg.types.json import Jsonb, set_json_dumps
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import JSONB
 
+from roundlog.codec import json_text
 from roundlog.domain.session import SessionState
 from roundlog.projections import tables as t
 from roundlog.projections.rows import EVENT_COLUMNS, UPDATE_COLUMNS, BatchRows
@@ -146,7 +147,7 @@ class _Insert:
                 continue
             values = [row[c.name] for row in rows]
             if isinstance(c.type, JSONB):
-                values = [None if v is None else json.dumps(v) for v in values]
+                values = [None if v is None else json_text(v) for v in values]
             params[c.name] = values
         await conn.execute(self.sql, params)
 
@@ -276,9 +277,13 @@ async def write(
                 _CLIENTS, [{**row, "labels": Jsonb(row["labels"])} for row in rows.clients.values()]
             )
     if rows.registrations or rows.revocations:
+        # In key order, as every writer locks them: each events partition holds a copy of the
+        # registry, so projectors (and replay processes) of other partitions write the same rows.
+        # Both statements give the same row whatever the order of the copies.
+        by_key = operator.itemgetter("key_id")
         async with conn.cursor() as cursor:
-            await cursor.executemany(_REGISTRATIONS, rows.registrations)
-            await cursor.executemany(_REVOCATIONS, rows.revocations)
+            await cursor.executemany(_REGISTRATIONS, sorted(rows.registrations, key=by_key))
+            await cursor.executemany(_REVOCATIONS, sorted(rows.revocations, key=by_key))
     await _REJECTED.run(conn, (rejection.row() for rejection in rows.rejections))
     await _OFFSETS.run(conn, _offset_rows(consumer, bookmarks))
 

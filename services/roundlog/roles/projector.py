@@ -73,13 +73,13 @@ def fold_entry(fold: PartitionFold, entry: Entry) -> Folded | None:
     if isinstance(entry.decoded, DecodeError):
         fold.skip(entry.offset)
         return None
-    event, payload, text = storable(entry.decoded)
+    event, text = storable(entry.decoded, entry.json)
     session_id: str | None = getattr(event, "session_id", None)
     # Held before applying: a SessionFinished takes the session out of the ledger.
     before = fold.ledger.sessions.get(session_id) if session_id else None
     outcome = fold.apply(entry.offset, event, entry.logged_at, entry.seal)
     session = fold.ledger.sessions.get(session_id, before) if session_id else None
-    return Folded(entry, event, outcome, session, payload, text)
+    return Folded(entry, event, outcome, session, text)
 
 
 @dataclass(frozen=True)
@@ -191,7 +191,7 @@ class Projector:
             if fresh:
                 started[(tp.topic, tp.partition)] = fold.next_offset
             for n, record in enumerate(fresh, start=1):
-                items.append(self._fold(tp, fold, Entry.of(record)))
+                items.append(self._fold(tp, fold, Entry.of(record, with_json=True)))
                 if n % YIELD_EVERY == 0:
                     await asyncio.sleep(0)  # let the write in flight send its next statement
         marks = {
@@ -250,7 +250,7 @@ class Projector:
                 fold.ledger.finished |= finished[tp.partition]
                 began = time.monotonic()
                 async for entry in read_range(
-                    self.reader, tp.topic, tp.partition, mark.replay_from, mark.next_offset
+                    self.reader, tp.topic, tp.partition, mark.replay_from, mark.next_offset, with_json=True
                 ):
                     fold_entry(fold, entry)
                 log.info(

@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from roundlog.bus import partition_for
-from roundlog.codec import DecodeError, decode
+from roundlog.codec import DecodeError, decode, decode_with_json
 from roundlog.config import Settings
 from roundlog.domain.authority import KEY_HEADER, SIGNATURE_HEADER, Authority, Seal
 from roundlog.domain.events import (
@@ -75,18 +75,22 @@ class Entry:
     logged_at: datetime | None = None
     #: who the headers say signed it
     seal: Seal | None = None
+    #: the event as JSON, where the reader asked for it (the projector)
+    json: str | None = None
 
     @classmethod
-    def of(cls, record: ConsumerRecord[bytes, bytes]) -> Entry:
+    def of(cls, record: ConsumerRecord[bytes, bytes], with_json: bool = False) -> Entry:
         value = record.value or b""
+        decoded, json = decode_with_json(value) if with_json else (decode(value), None)
         return cls(
             record.partition,
             record.offset,
             record.key,
             value,
-            decode(value),
+            decoded,
             log_time(record.timestamp),
             seal_of(record.headers, value) if record.headers else None,
+            json,
         )
 
 
@@ -184,7 +188,7 @@ class PartitionFold:
 
 
 async def read_range(
-    consumer: AIOKafkaConsumer, topic: str, partition: int, start: int, stop: int
+    consumer: AIOKafkaConsumer, topic: str, partition: int, start: int, stop: int, with_json: bool = False
 ) -> AsyncIterator[Entry]:
     """Entries at offsets [start, stop) of one partition, through a group-less consumer."""
     if start >= stop:
@@ -197,7 +201,7 @@ async def read_range(
         for record in batch.get(tp, []):
             if record.offset >= stop:
                 return
-            yield Entry.of(record)
+            yield Entry.of(record, with_json)
             if record.offset == stop - 1:
                 return
 
