@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp
 
-.PHONY: venv test test-python test-clients test-java test-ts test-polyglot test-kafka lint fmt demo clean
+.PHONY: venv test test-python test-clients test-java test-ts test-polyglot test-kafka test-browser lint fmt demo clean
 
 venv: $(STAMP)
 
@@ -52,6 +52,18 @@ test-polyglot: venv
 test-kafka: venv
 	ROUNDLOG_TEST_BROKER=kafka $(BIN)/pytest -q -p no:cacheprovider tests/integration
 	$(BIN)/pytest -q -p no:cacheprovider -rP --show-capture=stdout tests/faults
+
+# The dashboard (`roundlog ui`) over a real demo, in a headless Chromium: Debian's chromium and
+# chromium-driver, installed where missing; screenshots of each page land in build/screenshots/.
+test-browser: venv
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		if command -v apt-get >/dev/null; then \
+			sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+			$$sudo apt-get update -qq && \
+			$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+		else echo "test-browser: install chromium and its chromedriver" >&2; fi; \
+	fi
+	$(BIN)/pytest -q -p no:cacheprovider tests/browser
 
 fmt: venv
 	$(BIN)/ruff check --fix .

@@ -24,6 +24,7 @@ from roundlog.domain.events import RoundAggregated, ShardAggregated
 from roundlog.domain.round import Round
 from roundlog.domain.rules import Reason, Refusal
 from roundlog.domain.session import Session
+from roundlog.projections.audits import record_audits
 from roundlog.roles.aggregation import Closed, LogAggregation, RoundAggregation, Unusable, every_shard
 from roundlog.roles.stream import PartitionFold, read_range
 from roundlog.tensors import TensorReader
@@ -53,6 +54,8 @@ class AuditReport:
     #: records whose signature held, and those unsigned or badly signed (None: not checked)
     signatures_verified: int | None = None
     signatures_refused: int = 0
+    #: every aggregated model re-folded, as the log names it (``model_audits`` keeps the verdicts)
+    models: list[RoundAggregated] = field(default_factory=list)
 
     def render(self) -> str:
         models = f"verified {self.rounds_checked} aggregated models: {len(self.mismatches)} mismatches"
@@ -123,6 +126,7 @@ async def verify_models(
                     _count_signature(report, outcome.refusal)
                 if isinstance(event, RoundAggregated) and outcome.applied:
                     report.rounds_checked += 1
+                    report.models.append(event)
                     _compare(report, event, sink.refolded.get((event.session_id, event.round_id)))
                 elif isinstance(event, ShardAggregated) and outcome.applied:
                     report.partials_checked += 1
@@ -135,6 +139,7 @@ async def verify_models(
     finally:
         await log_consumer.stop()
         await tensor_consumer.stop()
+    await record_audits(settings.database_url, report)
     return report
 
 

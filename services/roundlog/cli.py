@@ -28,6 +28,7 @@ from typing import Any
 import uvloop
 
 from roundlog.config import ConfigError, Settings
+from roundlog.ui import DEFAULT_PORT
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -290,6 +291,12 @@ def machine(args: argparse.Namespace) -> int:
             metavar="K",
             help="aggregate each round in K shards, reduced once (weighted-sum aggregators; default: 1)",
         ),
+        arg(
+            "--ui",
+            action="store_true",
+            help=f"then serve the dashboard over the run on 127.0.0.1:{DEFAULT_PORT} until Ctrl-C "
+            "(the embedded stack stays up meanwhile)",
+        ),
         *BROKER_ARGUMENTS,
     ],
 )
@@ -311,7 +318,15 @@ def demo(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise Refused(str(exc)) from None
     with stack_settings(broker=args.broker, brokers=_broker_nodes(args)) as settings:
-        return run(settings, options)
+        status = run(settings, options)
+        if args.ui:
+            _serve_dashboard(settings, "127.0.0.1", DEFAULT_PORT, _dashboard_token("127.0.0.1"))
+        else:
+            print(
+                f"dashboard of this run: `roundlog demo --ui` (http://127.0.0.1:{DEFAULT_PORT}/ once it "
+                "is done), or `roundlog ui` over a stack of your own (`roundlog up`)"
+            )
+        return status
 
 
 #: Each role's module has ``async def run(settings, stop)``; adding a role is one line here.
@@ -804,17 +819,6 @@ _ROUNDS_SQL = """
     FROM round_timeline t JOIN rounds r USING (round_id)
     WHERE t.session_id = :session_id ORDER BY t.round_no, t.task <> 'training', t.requested_at
 """
-#: Example-weighted means of every metric: training metrics from accepted updates, others from results.
-_METRICS_SQL = """
-    SELECT m.round_id, kv.key, sum(kv.value::float8 * m.weight) / NULLIF(sum(m.weight), 0) AS mean
-    FROM (
-        SELECT round_id, num_examples AS weight, metrics FROM round_updates
-        WHERE session_id = :session_id AND status = 'accepted'
-        UNION ALL
-        SELECT round_id, num_examples, metrics FROM validations WHERE session_id = :session_id
-    ) AS m, jsonb_each_text(m.metrics) AS kv
-    GROUP BY m.round_id, kv.key ORDER BY kv.key
-"""
 
 
 KEY_ROLES = ("operator", "coordinator", "aggregator", "client")
@@ -993,6 +997,8 @@ def status(args: argparse.Namespace) -> int:
     import sqlalchemy as sa
     from rich.console import Console
 
+    from roundlog.ui.queries import METRICS_SQL
+
     settings = Settings.from_env()
     session = None if args.session is None else _lookup(settings, "sessions", args.session)
     engine = sa.create_engine(settings.database_url, poolclass=sa.NullPool)
@@ -1003,7 +1009,7 @@ def status(args: argparse.Namespace) -> int:
             else:
                 params = {"session_id": session.session_id}
                 rounds = conn.execute(sa.text(_ROUNDS_SQL), params).all()
-                metrics = conn.execute(sa.text(_METRICS_SQL), params).all()
+                metrics = conn.execute(sa.text(METRICS_SQL), params).all()
                 _print_session(Console(), session, rounds, metrics)
     finally:
         engine.dispose()
@@ -1065,6 +1071,57 @@ def _print_session(console: Any, session: Any, rounds: Sequence[Any], metrics: S
             " ".join(means.get(r.round_id, [])),
         )
     console.print(table)
+
+
+@command(
+    "ui",
+    help="serve a read-only web dashboard of the projections: sessions, metric curves, round timelines, "
+    "client participation, model lineage with audit verdicts, rejected records; a bind address other "
+    "than loopback needs ROUNDLOG_UI_TOKEN, which every request must then bear",
+    example="roundlog ui --port 8321   # then open http://127.0.0.1:8321/",
+    arguments=[
+        arg("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)"),
+        arg("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default: {DEFAULT_PORT})"),
+    ],
+)
+def ui(args: argparse.Namespace) -> int:
+    token = _dashboard_token(args.host)  # before the settings: a refusal needs no servers
+    _serve_dashboard(Settings.from_env(), args.host, args.port, token)
+    return 0
+
+
+def _dashboard_token(host: str) -> str | None:
+    """ROUNDLOG_UI_TOKEN, refused when missing for a bind address other than loopback."""
+    from roundlog.ui.app import Exposed, check_exposure
+
+    token = os.environ.get("ROUNDLOG_UI_TOKEN") or None
+    try:
+        check_exposure(host, token)
+    except Exposed as exc:
+        raise Refused(str(exc)) from None
+    return token
+
+
+def _serve_dashboard(settings: Settings, host: str, port: int, token: str | None) -> None:
+    """Serve the dashboard over ``settings``' database until Ctrl-C."""
+    import sqlalchemy as sa
+    import uvicorn
+
+    from roundlog.ui.app import create_app
+
+    engine = sa.create_engine(settings.database_url, pool_pre_ping=True)
+    try:
+        with engine.connect() as conn:  # a wrong URL, or tables missing or out of date, fail here in one line
+            conn.execute(
+                sa.text(
+                    "SELECT (SELECT 1 FROM session_progress LIMIT 1), (SELECT 1 FROM model_audits LIMIT 1)"
+                )
+            )
+        bound = f"[{host}]" if ":" in host else host  # an IPv6 address, as a URL has it
+        print(f"roundlog ui: http://{bound}:{port}/ (Ctrl-C stops it)", file=sys.stderr, flush=True)
+        uvicorn.run(create_app(engine, token), host=host, port=port, log_level="warning")
+    finally:
+        engine.dispose()
 
 
 @command(

@@ -19,7 +19,7 @@ from roundlog.projections.schema import current, downgrade, recreate_schema, upg
 
 REPO = Path(__file__).resolve().parents[2]
 TABLES = {t.name for t in tables.metadata.sorted_tables}
-HEAD = "0003"
+HEAD = "0004"
 
 
 def relations(database_url: str, schema: str = "public") -> set[str]:

@@ -237,11 +237,27 @@ projector_offsets = sa.Table(
     sa.Column("updated_at", Time, nullable=False, server_default=sa.func.now()),
 )
 
+#: What each ``replay --verify-models`` run found for each aggregated model: a verdict about the log,
+#: written by ``roundlog.projections.audits``, not a projection of it.
+model_audits = sa.Table(
+    "model_audits",
+    metadata,
+    sa.Column("model_id", sa.Text, primary_key=True),
+    sa.Column("audited_at", Time, primary_key=True),
+    sa.Column("session_id", sa.Text, nullable=False, index=True),
+    sa.Column("round_id", sa.Text, nullable=False),
+    sa.Column("sha256", sa.Text, nullable=False),
+    sa.Column("verified", sa.Boolean, nullable=False),
+    sa.Column("detail", sa.Text, nullable=False),
+)
+
 #: The views the migrations create; they derive from the tables, so replay compares only tables.
 VIEWS = ("round_timeline", "client_participation", "session_progress", "round_authors")
 
 #: Columns that record when the projector wrote a row, not what the log says: replay ignores them.
 RECORDING_COLUMNS = frozenset({"projected_at", "updated_at"})
 
-#: The projections replay rebuilds and compares (the offsets are the projector's own bookkeeping).
-PROJECTIONS = tuple(table for table in metadata.sorted_tables if table is not projector_offsets)
+#: The projections replay rebuilds and compares: not the projector's own bookkeeping (offsets), nor
+#: the audits' verdicts about the log.
+NOT_PROJECTIONS = frozenset({projector_offsets.name, model_audits.name})
+PROJECTIONS = tuple(table for table in metadata.sorted_tables if table.name not in NOT_PROJECTIONS)
