@@ -114,6 +114,26 @@ def shards_folded(log: Path) -> set[int]:
     return {int(line["message"].split()[1]) for line in lines if "folded:" in line.get("message", "")}
 
 
+def latest_holding(log: Path) -> set[int]:
+    """The tensors partitions a process's log last said it holds in the shard group."""
+    held: set[int] = set()
+    for line in log.read_text().splitlines() if log.exists() else []:
+        message = json.loads(line).get("message", "") if line.startswith("{") else ""
+        if message.startswith("holding tensors partitions "):
+            held = set(json.loads(message.removeprefix("holding tensors partitions ").split(":")[0]))
+    return held
+
+
+async def shard_group_settled(logs: Sequence[Path], timeout: float = 60) -> None:
+    """Until every process holds a share of the tensors partitions and none holds one twice: a
+    process that joins the group first holds them all until the other's join rebalances it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not (all(held := [latest_holding(log) for log in logs]) and not set.intersection(*held)):
+        assert loop.time() < deadline, f"the shard group did not settle: holdings {held}"
+        await asyncio.sleep(0.2)
+
+
 async def test_two_aggregator_processes_fold_one_rounds_two_shards(
     topics: tuple[Settings, Topics], database_url: str, tmp_path: Path
 ) -> None:
@@ -125,6 +145,7 @@ async def test_two_aggregator_processes_fold_one_rounds_two_shards(
         *(role_process(settings, "aggregator", log) for log in logs),
     ]
     try:
+        await shard_group_settled(logs)
         async with clients(settings, 6):
             sessions = await start_sessions(settings, names, 1, rounds=ROUNDS, round_timeout=60, shards=2)
             await wait_until_finished(settings, names, set(sessions), timeout=180)
@@ -132,7 +153,7 @@ async def test_two_aggregator_processes_fold_one_rounds_two_shards(
         for process in roles:
             stop_process(process)
     await check_session(settings, names, shards=2)
-    # the round-robin shard group gives each process one of the two shards
+    # the round-robin shard group gives each process one of the two shards (once both have joined)
     assert [shards_folded(log) for log in logs] in ([{0}, {1}], [{1}, {0}])
 
 
