@@ -293,7 +293,7 @@ class Projector:
                 rows.folded(f)
             elif isinstance(entry.decoded, DecodeError):
                 rows.undecodable(topic, entry, entry.decoded)
-            elif isinstance(event := storable(entry.decoded)[0], ClientHeartbeat):
+            elif isinstance(event := storable(entry.decoded, entry.json)[0], ClientHeartbeat):
                 refusal = event_problem(event, entry.logged_at)
                 if refusal is None and self.settings.auth:
                     # Its signature only: whether the key may speak for the client is the registry's
