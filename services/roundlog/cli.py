@@ -813,12 +813,6 @@ _SESSIONS_SQL = """
            rounds_failed, started_at, COALESCE(finished_at, last_change_at) AS until
     FROM session_progress ORDER BY started_at DESC LIMIT :limit
 """
-_ROUNDS_SQL = """
-    SELECT t.round_id, t.round_no, t.task, t.state, t.timed_out, t.n_assigned, t.n_accepted, t.n_rejected,
-           t.collecting_s, t.total_s, r.fail_reason, r.aggregator
-    FROM round_timeline t JOIN rounds r USING (round_id)
-    WHERE t.session_id = :session_id ORDER BY t.round_no, t.task <> 'training', t.requested_at
-"""
 
 
 KEY_ROLES = ("operator", "coordinator", "aggregator", "client")
@@ -997,7 +991,7 @@ def status(args: argparse.Namespace) -> int:
     import sqlalchemy as sa
     from rich.console import Console
 
-    from roundlog.ui.queries import METRICS_SQL
+    from roundlog.ui import queries
 
     settings = Settings.from_env()
     session = None if args.session is None else _lookup(settings, "sessions", args.session)
@@ -1008,8 +1002,8 @@ def status(args: argparse.Namespace) -> int:
                 _print_sessions(Console(), conn.execute(sa.text(_SESSIONS_SQL), {"limit": args.limit}).all())
             else:
                 params = {"session_id": session.session_id}
-                rounds = conn.execute(sa.text(_ROUNDS_SQL), params).all()
-                metrics = conn.execute(sa.text(METRICS_SQL), params).all()
+                rounds = queries.rounds(conn, session.session_id)
+                metrics = conn.execute(sa.text(queries.METRICS_SQL), params).all()
                 _print_session(Console(), session, rounds, metrics)
     finally:
         engine.dispose()
