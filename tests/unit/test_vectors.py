@@ -19,6 +19,8 @@ import fastavro
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from hypothesis import given
+from hypothesis import strategies as st
 
 from roundlog.arrays import Reassembler, StreamError, raw_chunks, sha256_of, specs_of, wire_dtype
 from roundlog.bus import partition_for
@@ -120,6 +122,12 @@ def test_id_vectors_are_uuid5_of_the_joined_parts() -> None:
         assert case["update_id"] == update_id_for(case["round_id"], case["client_id"])
         for task in Task:
             assert case["event_ids"][task.value] == str(uuid.uuid5(namespace, f"{prefix}/{task.value}"))
+
+
+@given(st.lists(st.text(), min_size=1, max_size=4))
+def test_every_derived_id_is_the_standard_librarys_uuid5(parts: list[str]) -> None:
+    namespace = uuid.uuid5(uuid.NAMESPACE_URL, "roundlog.v1")
+    assert derived_id(*parts) == str(uuid.uuid5(namespace, "/".join(parts)))
 
 
 def test_tensor_vectors_are_the_arrays_raw_little_endian_bytes_in_chunks() -> None:

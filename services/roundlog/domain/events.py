@@ -8,6 +8,7 @@ datetimes with millisecond precision (Avro ``timestamp-millis``).
 from __future__ import annotations
 
 import enum
+import hashlib
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,9 +18,21 @@ from datetime import datetime
 ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "roundlog.v1")
 
 
+_NAMESPACE_BYTES = ID_NAMESPACE.bytes
+#: The version (5) and variant (RFC 4122) bits of a UUIDv5, over the first 16 bytes of its SHA-1.
+_CLEAR = ~((0xF << 76) | (0x3 << 62))
+_SET = (0x5 << 76) | (0x2 << 62)
+
+
 def derived_id(*parts: str) -> str:
-    """A deterministic id, so a re-emission after a crash is recognisably the same."""
-    return str(uuid.uuid5(ID_NAMESPACE, "/".join(parts)))
+    """A deterministic id, so a re-emission after a crash is recognisably the same.
+
+    ``str(uuid.uuid5(ID_NAMESPACE, "/".join(parts)))``, without building a ``UUID`` (a third of
+    the cost): the fold checks one of these for every update.
+    """
+    digest = hashlib.sha1(_NAMESPACE_BYTES + "/".join(parts).encode()).digest()
+    h = f"{int.from_bytes(digest[:16]) & _CLEAR | _SET:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class Task(enum.StrEnum):
