@@ -20,6 +20,7 @@ from roundlog.arrays import sha256_of
 from roundlog.bus import Topics, make_consumer
 from roundlog.codec import DecodeError
 from roundlog.config import Settings
+from roundlog.domain.authority import Seal, seal_problem
 from roundlog.domain.events import RoundAggregated, ShardAggregated
 from roundlog.domain.round import Round
 from roundlog.domain.rules import Reason, Refusal
@@ -123,7 +124,7 @@ async def verify_models(
                     continue
                 outcome = await aggregation.apply(fold, entry, event)
                 if fold.ledger.authority is not None:
-                    _count_signature(report, outcome.refusal)
+                    _count_signature(report, outcome.refusal, entry.seal)
                 if isinstance(event, RoundAggregated) and outcome.applied:
                     report.rounds_checked += 1
                     report.models.append(event)
@@ -143,8 +144,11 @@ async def verify_models(
     return report
 
 
-def _count_signature(report: AuditReport, refusal: Refusal | None) -> None:
-    """The fold checked this record's signature before anything else: count what it found."""
+def _count_signature(report: AuditReport, refusal: Refusal | None, seal: Seal | None) -> None:
+    """The fold checked this record's signature before anything else: count what it found. Only a
+    record kept aside before the fold (``wrong_partition``) has its signature checked here."""
+    if refusal is not None and refusal.reason == Reason.WRONG_PARTITION:
+        refusal = seal_problem(seal)
     if refusal is not None and refusal.reason in (Reason.UNSIGNED, Reason.BAD_SIGNATURE):
         report.signatures_refused += 1
     elif report.signatures_verified is not None:

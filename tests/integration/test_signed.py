@@ -18,14 +18,17 @@ from typing import Any
 import sqlalchemy as sa
 
 from roundlog.audit import verify_models
-from roundlog.bus import Producer, Topics, make_consumer, make_producer
-from roundlog.client import provision_keys, revoke_key
+from roundlog.bus import Producer, Topics, make_consumer, make_producer, partition_for
+from roundlog.client import provision_keys, revoke_key, submission_event_id
 from roundlog.codec import encode
 from roundlog.config import Settings
+from roundlog.domain.decide import round_id_for
 from roundlog.domain.events import (
     ClientsAssigned,
     Event,
+    Task,
     UpdateReceived,
+    derived_id,
     partition_key,
     update_id_for,
 )
@@ -127,6 +130,47 @@ async def test_forgers_move_nothing_and_a_revoked_key_is_refused_from_its_positi
             headers = [("roundlog-key", client_1.key_id.encode()), outsider.headers(encode(swapped))[1]]
             await send(raw, names, swapped, headers)
             forged["swapped"] = ("bad_signature", client_1.key_id)
+            # ids are derived, so anyone can predict the ids of events still to come: forgeries
+            # carrying them must not take the rows (and the authors) of the real events
+            training_2 = round_id_for(session_id, 2, Task.TRAINING)
+            squatters = (
+                (
+                    derived_id(assigned.round_id, "aggregated"),
+                    Script(session_id=session_id).aggregated(round_id=assigned.round_id),
+                    outsider,
+                    "unknown_key",
+                ),
+                (
+                    derived_id(training_2, "assigned"),
+                    Script(session_id=session_id).assigned(
+                        round_id=training_2, clients=("client-0", "client-1")
+                    ),
+                    None,
+                    "unsigned",
+                ),
+                (
+                    submission_event_id(training_2, "client-0", Task.TRAINING),
+                    dataclasses.replace(
+                        impostor, round_id=training_2, update_id=update_id_for(training_2, "client-0")
+                    ),
+                    client_1,
+                    "not_permitted",
+                ),
+            )
+            for event_id, template, signer, reason in squatters:
+                event = dataclasses.replace(template, event_id=event_id)
+                await send(raw, names, event, signer.headers(encode(event)) if signer else None)
+                forged[event_id] = (reason, signer.key_id if signer else None)
+            # an unsigned record off its session's partition: kept aside before any fold sees it
+            stray = dataclasses.replace(impostor, event_id="stray")
+            home = partition_for(session_id, len(await raw.partitions_for(names.events)))
+            await raw.send_and_wait(
+                names.events,
+                encode(stray),
+                key=session_id.encode(),
+                partition=0 if home else 1,
+            )
+            forged["stray"] = ("wrong_partition", None)
             # a client ending the session
             finish = dataclasses.replace(Script(session_id=session_id).finished(), event_id="client-finish")
             await send(raw, names, finish, client_1.headers(encode(finish)))
@@ -189,13 +233,28 @@ async def test_forgers_move_nothing_and_a_revoked_key_is_refused_from_its_positi
         *_client_keys(signed),
     }
 
+    # the real events hold their own rows, whatever forgeries came first with their ids
+    squatted = [event_id for event_id, _, _, _ in squatters]
+    owners = rows(
+        database_url,
+        "SELECT event_id, key_id, outcome FROM events WHERE event_id = ANY(:ids)",
+        ids=squatted,
+    )
+    assert sorted((r.event_id, r.key_id, r.outcome) for r in owners) == sorted(
+        [
+            (squatted[0], roles_key := _key_id(settings), "applied"),
+            (squatted[1], roles_key, "applied"),
+            (squatted[2], _client_keys(signed)[0], "applied"),
+        ]
+    )
+
     # the audit names the author of every step
     authors = rows(
         database_url,
         "SELECT * FROM round_authors WHERE session_id = :s AND task = 'training' ORDER BY round_no",
         s=session_id,
     )
-    roles_key, (key_0, key_1) = _key_id(settings), _client_keys(signed)
+    key_0, key_1 = _client_keys(signed)
     for round_ in authors:
         assert round_.assigned_by == roles_key and round_.aggregated_by == roles_key
         assert round_.submitted_by == {"client-0": key_0, "client-1": key_1}
@@ -223,6 +282,7 @@ async def test_forgers_move_nothing_and_a_revoked_key_is_refused_from_its_positi
     # every record of the events topic had its signature checked again: the forgers' unsigned and
     # badly signed ones are the refused ones
     unsigned = sum(reason in ("unsigned", "bad_signature") for reason, _ in forged.values())
+    unsigned += 1  # the stray record: refused for its place, and unsigned all the same
     assert audit.signatures_refused == unsigned
     assert audit.signatures_verified + audit.signatures_refused == await records_in(settings, names.events)
 

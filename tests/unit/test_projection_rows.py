@@ -8,7 +8,9 @@ from typing import Any
 
 from roundlog.codec import decode, decode_with_json, encode, event_to_json
 from roundlog.domain.events import ClientRole, Event, ModelImported, Task
-from roundlog.projections.rows import EVENT_COLUMNS, UPDATE_COLUMNS, BatchRows, storable
+from roundlog.domain.rules import SIGNING_REASONS, Refusal
+from roundlog.domain.session import Outcome
+from roundlog.projections.rows import EVENT_COLUMNS, UPDATE_COLUMNS, BatchRows, Folded, storable
 from roundlog.roles.projector import fold_entry
 from roundlog.roles.stream import Entry, PartitionFold
 
@@ -164,6 +166,23 @@ def test_undecodable_and_refused_records_are_rejections_with_their_bytes() -> No
         "s1",
     )
     assert by_column(UPDATE_COLUMNS, rows.round_updates)[0]["reject_reason"] == "unknown_session"
+
+
+def test_a_record_refused_for_its_signature_leaves_its_event_id_to_the_true_author() -> None:
+    """Event ids are derived, so a forger can send a real event's id first: refused for who signed
+    it, the record is kept aside and takes neither the ``events`` nor the ``round_updates`` row."""
+    s, batches = Script(), Batches()
+    batches.batch(training_round(s)[:4])
+    real = s.update("a", "s1-r1")
+    rows = BatchRows(TOPIC, set(batches.seen))
+    for offset, reason in enumerate(sorted(SIGNING_REASONS)):  # the verdict a signed fold gives
+        entry = Entry(0, 100 + offset, b"s1", encode(real), real)
+        rows.folded(Folded(entry, real, Outcome(Refusal(reason, "forged")), None, "{}"))
+    assert [r.reason for r in rows.rejections] == sorted(SIGNING_REASONS)
+    assert rows.events == [] and rows.round_updates == [] and real.event_id not in rows.seen_event_ids
+    after = batches.batch([real])
+    assert [row[2] for row in after.events] == [real.event_id]
+    assert by_column(UPDATE_COLUMNS, after.round_updates)[0]["status"] == "accepted"
 
 
 def test_results_models_and_heartbeats() -> None:

@@ -48,6 +48,12 @@ class Reason(enum.StrEnum):
     NOT_PERMITTED = "not_permitted"
 
 
+#: Refusals of who signed a record (``ROUNDLOG_AUTH=signed``): the record is nobody's word.
+SIGNING_REASONS = frozenset(
+    {Reason.UNSIGNED, Reason.BAD_SIGNATURE, Reason.UNKNOWN_KEY, Reason.REVOKED_KEY, Reason.NOT_PERMITTED}
+)
+
+
 @dataclass(frozen=True)
 class Refusal:
     reason: Reason

@@ -39,7 +39,7 @@ from roundlog.domain.events import (
     ValidationReceived,
 )
 from roundlog.domain.round import Round, RoundState
-from roundlog.domain.rules import Reason, Refusal
+from roundlog.domain.rules import SIGNING_REASONS, Reason, Refusal
 from roundlog.domain.session import Outcome, Session, SessionState
 from roundlog.roles.stream import HEAD_BYTES, Entry
 
@@ -357,9 +357,13 @@ class BatchRows:
 
     def folded(self, item: Folded) -> None:
         event, outcome, refusal = item.event, item.outcome, item.outcome.refusal
-        if refusal is not None and refusal.reason == Reason.WRONG_PARTITION:
-            # Kept aside like a record on the wrong topic, against its session: it does not claim
-            # its event id, so the same event sent again to its session's partition projects as news.
+        if refusal is not None and (
+            refusal.reason == Reason.WRONG_PARTITION or refusal.reason in SIGNING_REASONS
+        ):
+            # Kept aside like a record on the wrong topic, against its session. It claims no event id
+            # (ids are derived, so anyone can predict them): the same event sent again to its
+            # session's partition, or by its true author, projects as news, and no forger's record
+            # takes the ``events`` and ``round_updates`` rows (and the authors) of a real event.
             self.rejections.append(
                 Rejection(self.events_topic, item.entry, refusal.reason.value, refusal.detail, event)
             )
