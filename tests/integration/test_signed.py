@@ -106,6 +106,7 @@ async def test_forgers_move_nothing_and_a_revoked_key_is_refused_from_its_positi
             for who, signer, reason in (
                 ("outsider", outsider, "unknown_key"),
                 ("unsigned", None, "unsigned"),
+                ("client-1", client_1, "not_permitted"),  # a registered client: for another, or not its kind
             ):
                 for event in every_event(Script(session_id=session_id)):
                     event = dataclasses.replace(event, event_id=f"{who}-{event.event_id}")
