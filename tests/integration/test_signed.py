@@ -1,8 +1,8 @@
 """ROUNDLOG_AUTH=signed on the real stack: forgers move nothing, revocation holds at its position.
 
 A signed deployment (operator, roles and client keys registered in the log) runs a session
-while an outsider, an unsigned producer and a client speaking for another try every event
-type against it; each try is refused with its own reason, recorded with the identity it
+while an outsider, an unsigned producer and a registered client (speaking for another, or as
+another role) try every event type against it; each try is refused with its own reason, recorded with the identity it
 claimed, and the session ends as if they had said nothing. Then a client's key is revoked:
 its later update is refused, the coordinator stops sampling it, and its earlier updates stay
 valid in a replay, which re-verifies every signature and agrees with the live tables.
