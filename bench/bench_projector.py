@@ -42,6 +42,7 @@ from typing import Any
 
 import psycopg
 import sqlalchemy as sa
+import uvloop
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from machine import describe
@@ -475,7 +476,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="cProfile the one-process replay (slows it)")
     args = parser.parse_args()
     with stack_settings() as base:
-        asyncio.run(bench(base, args))
+        uvloop.run(bench(base, args))  # as `roundlog serve` and `roundlog replay` run
 
 
 if __name__ == "__main__":

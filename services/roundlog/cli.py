@@ -457,7 +457,7 @@ def replay_command(args: argparse.Namespace) -> int:
         # not on a pipe: there it would leave an empty line on stderr, even before a one-line failure
         with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
             task = bar.add_task(f"replaying into {args.schema}", total=None)
-            report = asyncio.run(
+            report = uvloop.run(
                 replay(
                     settings,
                     args.schema,
@@ -475,7 +475,7 @@ def replay_command(args: argparse.Namespace) -> int:
     if args.verify_models:
         from roundlog.audit import verify_models
 
-        audit = asyncio.run(verify_models(settings))
+        audit = uvloop.run(verify_models(settings))
         print(audit.render())
         for mismatch in audit.mismatches:
             print(f"  session {mismatch.session_id} round {mismatch.round_id}: {mismatch.detail}")

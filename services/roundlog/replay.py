@@ -24,6 +24,7 @@ from typing import Any
 
 import psycopg
 import sqlalchemy as sa
+import uvloop
 from aiokafka import TopicPartition
 
 from roundlog.bus import Topics, make_consumer
@@ -219,8 +220,8 @@ async def _project(
 
 
 def _project_group(settings: Settings, schema: str, ends: dict[TopicPartition, int]) -> int:
-    """A replay process's work: its group of partitions."""
-    return asyncio.run(_project(settings, schema, ends, None))
+    """A replay process's work: its group of partitions (on uvloop, as every roundlog process)."""
+    return uvloop.run(_project(settings, schema, ends, None))
 
 
 async def _project_in_processes(
