@@ -28,6 +28,7 @@ from roundlog.domain.events import (
     UpdateReceived,
     UpdateRejected,
     ValidationReceived,
+    answer_event_id,
     update_id_for,
 )
 
@@ -55,8 +56,13 @@ def tensor_ref(key: str) -> TensorRef:
 class Script:
     """Builds the events of one session with distinct ids and increasing times."""
 
-    def __init__(self, session_id: str = "s1", config: RoundConfig | None = None) -> None:
+    def __init__(
+        self, session_id: str = "s1", config: RoundConfig | None = None, answer_ids: bool = False
+    ) -> None:
+        """``answer_ids``: clients' answers carry the event id their round, client and task give,
+        the only one a signed deployment accepts from a client (``answer_event_id``)."""
         self.session_id = session_id
+        self.answer_ids = answer_ids
         self.config = config or RoundConfig(round_timeout=60, buffer_size=2)
         self._ticks = itertools.count(1)
         self._ids = itertools.count(1)
@@ -69,6 +75,12 @@ class Script:
             "occurred_at": T0 + timedelta(seconds=next(self._ticks)),
             "session_id": self.session_id,
         }
+
+    def _answer_stamp(self, round_id: str, client: str, task: Task) -> dict[str, object]:
+        stamp = self._stamp()
+        if self.answer_ids:
+            stamp["event_id"] = answer_event_id(round_id, client, task)
+        return stamp
 
     def started(self, rounds: int = 1, model_id: str = "m0", **options: object) -> SessionStarted:
         return SessionStarted(
@@ -127,7 +139,7 @@ class Script:
         """``partition``: the tensors partition its chunks are on, which decides its shard."""
         update_id = update_id or uid(client, round_id)
         return UpdateReceived(
-            **self._stamp(),
+            **self._answer_stamp(round_id, client, Task.TRAINING),
             round_id=round_id,
             client_id=client,
             update_id=update_id,
@@ -159,7 +171,7 @@ class Script:
 
     def validation(self, client: str, round_id: str = "r1", model_id: str = "m0") -> ValidationReceived:
         return ValidationReceived(
-            **self._stamp(),
+            **self._answer_stamp(round_id, client, Task.VALIDATION),
             round_id=round_id,
             client_id=client,
             model_id=model_id,
@@ -168,7 +180,12 @@ class Script:
         )  # type: ignore[arg-type]
 
     def prediction(self, client: str, round_id: str = "r1", model_id: str = "m0") -> PredictionReceived:
-        return PredictionReceived(**self._stamp(), round_id=round_id, client_id=client, model_id=model_id)  # type: ignore[arg-type]
+        return PredictionReceived(
+            **self._answer_stamp(round_id, client, Task.INFERENCE),
+            round_id=round_id,
+            client_id=client,
+            model_id=model_id,
+        )  # type: ignore[arg-type]
 
     def timed_out(self, round_id: str = "r1") -> RoundTimedOut:
         return RoundTimedOut(**self._stamp(), round_id=round_id, deadline=T0 + timedelta(hours=1))  # type: ignore[arg-type]

@@ -62,6 +62,7 @@ from roundlog.domain.events import (
     TensorRef,
     UpdateReceived,
     ValidationReceived,
+    answer_event_id,
     derived_id,
     update_id_for,
 )
@@ -80,11 +81,6 @@ PredictFn = Callable[[NamedArrays, RoundConfig], tuple[str, Metrics]]
 
 #: How long one poll of the events topic waits, which bounds how late ``stop`` is noticed.
 POLL_MS = 200
-
-
-def submission_event_id(round_id: str, client_id: str, task: Task) -> str:
-    """The event id of a client's answer to a round: a resubmission is a duplicate event, not news."""
-    return derived_id(round_id, "client", client_id, task.value)
 
 
 class FederatedClient:
@@ -236,7 +232,7 @@ class FederatedClient:
         checked the bytes against it), so an answer to a forged assignment cannot pass for one to
         the round's own."""
         ids: dict[str, Any] = {
-            "event_id": submission_event_id(job.round_id, self.client_id, job.task),
+            "event_id": answer_event_id(job.round_id, self.client_id, job.task),
             "session_id": job.session_id,
             "round_id": job.round_id,
             "client_id": self.client_id,

@@ -24,7 +24,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from roundlog.arrays import NamedArrays, raw_chunks, sha256_of, specs_of
 from roundlog.bus import partition_for
-from roundlog.client import submission_event_id
 from roundlog.codec import HEADER_SIZE, encode, schema_json
 from roundlog.domain.authority import KEY_HEADER, SIGNATURE_HEADER, SIGNING_CONTEXT
 from roundlog.domain.events import (
@@ -51,6 +50,7 @@ from roundlog.domain.events import (
     UpdateReceived,
     UpdateRejected,
     ValidationReceived,
+    answer_event_id,
     derived_id,
     partition_key,
     update_id_for,
@@ -162,7 +162,7 @@ def sample_events() -> list[Event]:
             **ids,
         ),
         UpdateReceived(
-            event_id=submission_event_id(ROUND, CLIENT, Task.TRAINING),
+            event_id=answer_event_id(ROUND, CLIENT, Task.TRAINING),
             client_id=CLIENT,
             update_id=update_id,
             num_examples=640,
@@ -180,7 +180,7 @@ def sample_events() -> list[Event]:
             **ids,
         ),
         ValidationReceived(
-            event_id=submission_event_id(ROUND, CLIENT, Task.VALIDATION),
+            event_id=answer_event_id(ROUND, CLIENT, Task.VALIDATION),
             client_id=CLIENT,
             model_id=MODEL,
             num_examples=200,
@@ -189,7 +189,7 @@ def sample_events() -> list[Event]:
             **ids,
         ),
         PredictionReceived(
-            event_id=submission_event_id(ROUND, CLIENT, Task.INFERENCE),
+            event_id=answer_event_id(ROUND, CLIENT, Task.INFERENCE),
             client_id=CLIENT,
             model_id=MODEL,
             summary="3 classes, 120 predictions",
@@ -380,7 +380,7 @@ def id_vectors() -> dict[str, Any]:
                 "round_id": round_id,
                 "client_id": client,
                 "update_id": update_id_for(round_id, client),
-                "event_ids": {task.value: submission_event_id(round_id, client, task) for task in Task},
+                "event_ids": {task.value: answer_event_id(round_id, client, task) for task in Task},
             }
             for round_id in rounds
             for client in clients

@@ -13,7 +13,7 @@ from aiokafka import AIOKafkaProducer
 
 from roundlog.arrays import NamedArrays
 from roundlog.bus import Topics, make_consumer, make_producer, publish
-from roundlog.client import FederatedClient, Metrics, submission_event_id, update_id_for
+from roundlog.client import FederatedClient, Metrics, update_id_for
 from roundlog.clock import utc_now
 from roundlog.codec import DecodeError, decode
 from roundlog.config import Settings
@@ -28,6 +28,7 @@ from roundlog.domain.events import (
     TensorRef,
     UpdateReceived,
     ValidationReceived,
+    answer_event_id,
     derived_id,
 )
 from roundlog.tensors import read_tensors, write_tensors
@@ -139,7 +140,7 @@ async def test_an_assigned_trainer_submits_its_update_and_others_stay_silent(
     assert update.client_id == "alice" and update.round_id == assigned.round_id
     assert update.session_id == "s1" and update.num_examples == 42 and update.metrics == {"loss": 0.5}
     assert update.update_id == update_id_for(assigned.round_id, "alice") == update.tensor.key
-    assert update.event_id == submission_event_id(assigned.round_id, "alice", Task.TRAINING)
+    assert update.event_id == answer_event_id(assigned.round_id, "alice", Task.TRAINING)
     consumer = make_consumer(settings)
     await consumer.start()
     arrays = await read_tensors(consumer, names.tensors, update.tensor)
@@ -178,4 +179,4 @@ async def test_a_validator_answers_validation_and_inference_rounds(topics: tuple
     assert validation.model_id == "m0" and validation.num_examples == 7
     assert validation.metrics == {"accuracy": expected_sum}
     assert prediction.summary == "2 arrays" and prediction.metrics == {"n": 2.0}
-    assert prediction.event_id == submission_event_id(prediction.round_id, "carol", Task.INFERENCE)
+    assert prediction.event_id == answer_event_id(prediction.round_id, "carol", Task.INFERENCE)

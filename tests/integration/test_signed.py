@@ -2,10 +2,11 @@
 
 A signed deployment (operator, roles and client keys registered in the log) runs a session
 while an outsider, an unsigned producer and a registered client (speaking for another, or as
-another role) try every event type against it; each try is refused with its own reason, recorded with the identity it
-claimed, and the session ends as if they had said nothing. Then a client's key is revoked:
-its later update is refused, the coordinator stops sampling it, and its earlier updates stay
-valid in a replay, which re-verifies every signature and agrees with the live tables.
+another role) try every event type against it; each try is refused with its own reason,
+recorded with the identity it claimed, and the session ends as if they had said nothing.
+Then a client's key is revoked: its later update is refused, the coordinator stops sampling
+it, and its earlier updates stay valid in a replay, which re-verifies every signature and
+agrees with the live tables.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sqlalchemy as sa
 
 from roundlog.audit import verify_models
 from roundlog.bus import Producer, Topics, make_consumer, make_producer, partition_for
-from roundlog.client import provision_keys, revoke_key, submission_event_id
+from roundlog.client import provision_keys, revoke_key
 from roundlog.codec import encode
 from roundlog.config import Settings
 from roundlog.domain.decide import round_id_for
@@ -28,6 +29,7 @@ from roundlog.domain.events import (
     Event,
     Task,
     UpdateReceived,
+    answer_event_id,
     derived_id,
     partition_key,
     update_id_for,
@@ -150,10 +152,27 @@ async def test_forgers_move_nothing_and_a_revoked_key_is_refused_from_its_positi
                     "unsigned",
                 ),
                 (
-                    submission_event_id(training_2, "client-0", Task.TRAINING),
+                    answer_event_id(training_2, "client-0", Task.TRAINING),
                     dataclasses.replace(
                         impostor, round_id=training_2, update_id=update_id_for(training_2, "client-0")
                     ),
+                    client_1,
+                    "not_permitted",
+                ),
+                # client-1's own answer to the round it was assigned, under the id the session's
+                # end will have: applied, it would keep the session from ever finishing
+                (
+                    derived_id(session_id, "finished"),
+                    dataclasses.replace(
+                        impostor, client_id="client-1", update_id=update_id_for(assigned.round_id, "client-1")
+                    ),
+                    client_1,
+                    "not_permitted",
+                ),
+                # a heartbeat of its own, on the events topic, under the id round 2's staging will have
+                (
+                    derived_id(training_2, "staged"),
+                    Script(session_id=session_id).heartbeat("client-1"),
                     client_1,
                     "not_permitted",
                 ),
@@ -246,6 +265,8 @@ async def test_forgers_move_nothing_and_a_revoked_key_is_refused_from_its_positi
             (squatted[0], roles_key := _key_id(settings), "applied"),
             (squatted[1], roles_key, "applied"),
             (squatted[2], _client_keys(signed)[0], "applied"),
+            (squatted[3], roles_key, "applied"),
+            (squatted[4], roles_key, "applied"),
         ]
     )
 

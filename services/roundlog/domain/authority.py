@@ -13,6 +13,7 @@ every replay alike.
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidSignature
@@ -35,9 +36,11 @@ from roundlog.domain.events import (
     SessionFinished,
     SessionStarted,
     ShardAggregated,
+    Task,
     UpdateReceived,
     UpdateRejected,
     ValidationReceived,
+    answer_event_id,
 )
 from roundlog.domain.rules import Reason, Refusal
 
@@ -68,6 +71,35 @@ PRODUCERS: dict[type[Event], frozenset[KeyRole]] = {
 }
 #: Events a client key may produce only for the client it was registered as.
 CLIENT_EVENTS = (UpdateReceived, ValidationReceived, PredictionReceived, ClientHeartbeat)
+#: The task each kind of answer belongs to, which its event id derives from.
+ANSWER_TASKS: dict[type[Event], Task] = {
+    UpdateReceived: Task.TRAINING,
+    ValidationReceived: Task.VALIDATION,
+    PredictionReceived: Task.INFERENCE,
+}
+
+
+def _own_id_problem(event: Event) -> Refusal | None:
+    """Event ids are derived, so anyone can predict the id of an event still to come, and the first
+    event the fold applies under an id reserves it. A client, the least trusted signer, may therefore
+    use no id but its answer's own: not another client's answer's, nor an aggregate's or an
+    assignment's. Its heartbeats belong on the clients topic, where no fold reserves ids."""
+    if isinstance(event, ClientHeartbeat):
+        return Refusal(
+            Reason.NOT_PERMITTED, "a client key's heartbeats go on the clients topic, not the events topic"
+        )
+    task = ANSWER_TASKS.get(type(event))
+    if task is None:
+        return None
+    answer = typing.cast(UpdateReceived | ValidationReceived | PredictionReceived, event)
+    expected = answer_event_id(answer.round_id, answer.client_id, task)
+    if answer.event_id != expected:
+        return Refusal(
+            Reason.NOT_PERMITTED,
+            f"a client's {task.value} answer to round {answer.round_id} has event id {expected}, "
+            f"not {answer.event_id}",
+        )
+    return None
 
 
 @dataclass(frozen=True)
@@ -138,7 +170,7 @@ class Authority:
                 Reason.NOT_PERMITTED,
                 f"key {seal.key_id} speaks for client {key.client_id!r}, not {event.client_id!r}",
             )
-        return None
+        return _own_id_problem(event)
 
     @staticmethod
     def _permitted(event: Event, roles: frozenset[KeyRole], who: str) -> Refusal | None:

@@ -60,6 +60,12 @@ def update_id_for(round_id: str, client_id: str) -> str:
     return derived_id(round_id, "client", client_id, "update")
 
 
+def answer_event_id(round_id: str, client_id: str, task: Task) -> str:
+    """The event id of a client's answer to a round: a resubmission is a duplicate event, not news,
+    and (where events are signed) the only id a client's answer may carry."""
+    return derived_id(round_id, "client", client_id, task.value)
+
+
 @dataclass(frozen=True, kw_only=True)
 class RoundConfig:
     """How a round runs; the defaults are FEDn's, except the weight policy (roundlog's own)."""
