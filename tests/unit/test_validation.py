@@ -37,6 +37,11 @@ def _config(**changes: object) -> Callable[[Script], Event]:
     return lambda s: s.requested(**changes)
 
 
+def _session_config(**changes: object) -> Callable[[Script], Event]:
+    """A SessionStarted whose round config has ``changes``: refused at session start, not at a round's end."""
+    return lambda s: dataclasses.replace(s.started(), round_config=dataclasses.replace(s.config, **changes))
+
+
 MALFORMED: list[tuple[str, Make, Reason]] = [
     ("negative num_examples", lambda s: dataclasses.replace(s.update("a"), num_examples=-5), R.WEIGHT_LIMIT),
     ("zero num_examples", lambda s: dataclasses.replace(s.update("a"), num_examples=0), R.WEIGHT_LIMIT),
@@ -81,6 +86,12 @@ MALFORMED: list[tuple[str, Make, Reason]] = [
     ("a weight share above 1", _config(max_weight_share=1.5), R.INVALID_CONFIG),
     ("round_no 0", lambda s: s.requested(round_no=0), R.INVALID_FIELD),
     ("a session of 0 rounds", lambda s: s.started(rounds=0), R.INVALID_CONFIG),
+    ("a session of median in 2 shards", _session_config(aggregator="median", shards=2), R.INVALID_CONFIG),
+    (
+        "a session of trimmed_mean in 3 shards",
+        _session_config(aggregator="trimmed_mean", shards=3),
+        R.INVALID_CONFIG,
+    ),
     (
         "a deadline before the assignment",
         lambda s: dataclasses.replace(s.assigned(), deadline=T0 - timedelta(seconds=1)),
