@@ -15,8 +15,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from roundlog.codec import encode
-from roundlog.domain.authority import ANSWER_TASKS, Authority, Seal
+from roundlog.domain.authority import Authority, Seal
 from roundlog.domain.events import (
+    ANSWER_TASKS,
     ClientHeartbeat,
     ClientRole,
     ClientsAssigned,

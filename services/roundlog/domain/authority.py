@@ -13,13 +13,14 @@ every replay alike.
 
 from __future__ import annotations
 
-import typing
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from roundlog.domain.events import (
+    ANSWER_TASKS,
+    Answer,
     ClientHeartbeat,
     ClientsAssigned,
     Event,
@@ -36,7 +37,6 @@ from roundlog.domain.events import (
     SessionFinished,
     SessionStarted,
     ShardAggregated,
-    Task,
     UpdateReceived,
     UpdateRejected,
     ValidationReceived,
@@ -71,12 +71,6 @@ PRODUCERS: dict[type[Event], frozenset[KeyRole]] = {
 }
 #: Events a client key may produce only for the client it was registered as.
 CLIENT_EVENTS = (UpdateReceived, ValidationReceived, PredictionReceived, ClientHeartbeat)
-#: The task each kind of answer belongs to, which its event id derives from.
-ANSWER_TASKS: dict[type[Event], Task] = {
-    UpdateReceived: Task.TRAINING,
-    ValidationReceived: Task.VALIDATION,
-    PredictionReceived: Task.INFERENCE,
-}
 
 
 def _own_id_problem(event: Event) -> Refusal | None:
@@ -88,16 +82,15 @@ def _own_id_problem(event: Event) -> Refusal | None:
         return Refusal(
             Reason.NOT_PERMITTED, "a client key's heartbeats go on the clients topic, not the events topic"
         )
-    task = ANSWER_TASKS.get(type(event))
-    if task is None:
+    if not isinstance(event, Answer):
         return None
-    answer = typing.cast(UpdateReceived | ValidationReceived | PredictionReceived, event)
-    expected = answer_event_id(answer.round_id, answer.client_id, task)
-    if answer.event_id != expected:
+    task = ANSWER_TASKS[type(event)]
+    expected = answer_event_id(event.round_id, event.client_id, task)
+    if event.event_id != expected:
         return Refusal(
             Reason.NOT_PERMITTED,
-            f"a client's {task.value} answer to round {answer.round_id} has event id {expected}, "
-            f"not {answer.event_id}",
+            f"a client's {task.value} answer to round {event.round_id} has event id {expected}, "
+            f"not {event.event_id}",
         )
     return None
 

@@ -371,6 +371,16 @@ EVENT_TYPES: tuple[type[Event], ...] = (
 )
 
 
+#: A client's answers to a round, and the task each answers: its event id and its round's rules
+#: derive from it.
+Answer = UpdateReceived | ValidationReceived | PredictionReceived
+ANSWER_TASKS: dict[type[Answer], Task] = {
+    UpdateReceived: Task.TRAINING,
+    ValidationReceived: Task.VALIDATION,
+    PredictionReceived: Task.INFERENCE,
+}
+
+
 def partition_key(event: Event) -> str:
     """Events of one session share a partition; heartbeats are keyed by client, imports by model,
     registry events (copied to every partition) by key."""

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from roundlog.domain.events import (
+    ANSWER_TASKS,
+    Answer,
     ClientsAssigned,
     ModelStaged,
     PredictionReceived,
@@ -357,18 +359,18 @@ def _timeout_completes(r: Round) -> bool:
 S = RoundState
 _COLLECTED = (S.CLOSED, S.AGGREGATED, S.FAILED, S.COMPLETED)
 _BEFORE_COLLECTING = (S.REQUESTED, S.STAGED)
-_RESULTS = (UpdateReceived, ValidationReceived, PredictionReceived)
+_RESULTS = tuple(ANSWER_TASKS)
 
 
 def _receive(
-    event: type,
-    task: Task,
+    event: type[Answer],
     guards: tuple[Guard, ...],
     effect: Effect,
     done: Condition,
     label: str,
 ) -> Rule[RoundState]:
     """A result arriving while collecting: admitted by the guards, then maybe the last one needed."""
+    task = ANSWER_TASKS[event]
     finished = S.CLOSED if task == Task.TRAINING else S.COMPLETED
     return Rule(
         S.COLLECTING,
@@ -392,7 +394,6 @@ ROUND_RULES: tuple[Rule[RoundState], ...] = (
     Rule(S.STAGED, RoundFailed, effect=_record_failure, branches=(Branch(S.FAILED),)),
     _receive(
         UpdateReceived,
-        Task.TRAINING,
         (_first_from_client, _own_update_id, _trained_on_round_model, _weight_allowed),
         _accept_update,
         _buffer_full,
@@ -400,7 +401,6 @@ ROUND_RULES: tuple[Rule[RoundState], ...] = (
     ),
     _receive(
         ValidationReceived,
-        Task.VALIDATION,
         (_on_round_model, _first_from_client),
         _record_result,
         _all_reported,
@@ -408,7 +408,6 @@ ROUND_RULES: tuple[Rule[RoundState], ...] = (
     ),
     _receive(
         PredictionReceived,
-        Task.INFERENCE,
         (_on_round_model, _first_from_client),
         _record_result,
         _all_reported,

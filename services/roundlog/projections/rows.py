@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 from roundlog.codec import DecodeError, event_to_json, event_type_name, json_double, json_text
 from roundlog.domain.events import (
+    ANSWER_TASKS,
     ClientHeartbeat,
     ClientsAssigned,
     Event,
@@ -75,7 +76,7 @@ UPDATE_COLUMNS = (
     "received_at",
 )
 
-_RESULTS = (UpdateReceived, ValidationReceived, PredictionReceived)
+_RESULTS = tuple(ANSWER_TASKS)
 
 
 class Folded(NamedTuple):
@@ -122,6 +123,9 @@ class Rejection:
 
 
 WRONG_TOPIC = "wrong_topic"
+#: Refusals of a record nobody vouches for, or that is not in its session's place: kept in
+#: ``rejected_events`` and on the dead-letter topic only, claiming no event id and no row.
+_KEPT_ASIDE = SIGNING_REASONS | {Reason.WRONG_PARTITION}
 
 
 def _key_id(entry: Entry) -> str | None:
@@ -357,9 +361,7 @@ class BatchRows:
 
     def folded(self, item: Folded) -> None:
         event, outcome, refusal = item.event, item.outcome, item.outcome.refusal
-        if refusal is not None and (
-            refusal.reason == Reason.WRONG_PARTITION or refusal.reason in SIGNING_REASONS
-        ):
+        if refusal is not None and refusal.reason in _KEPT_ASIDE:
             # Kept aside like a record on the wrong topic, against its session. It claims no event id
             # (ids are derived, so anyone can predict them): the same event sent again to its
             # session's partition, or by its true author, projects as news, and no forger's record
