@@ -68,7 +68,7 @@ class Round:
     base_model_id: str
     config: RoundConfig
     state: RoundState = RoundState.REQUESTED
-    assigned: tuple[str, ...] = ()
+    assigned: frozenset[str] = frozenset()
     deadline: datetime | None = None
     #: accepted training updates by update id, in log order: the aggregation order
     accepted: dict[str, UpdateReceived] = field(default_factory=dict)
@@ -76,6 +76,8 @@ class Round:
     unusable: dict[str, str] = field(default_factory=dict)
     #: validation or prediction results by client, in log order
     results: dict[str, Result] = field(default_factory=dict)
+    #: clients with an accepted update or a recorded result: a second answer is a duplicate
+    reporters: set[str] = field(default_factory=set)
     timed_out: bool = False
     aggregated: RoundAggregated | None = None
     fail_reason: str = ""
@@ -106,10 +108,6 @@ class Round:
         if self.config.buffer_size < 0:
             return n_assigned
         return min(self.config.buffer_size, n_assigned)
-
-    @property
-    def reported_clients(self) -> set[str]:
-        return {update.client_id for update in self.accepted.values()} | set(self.results)
 
     @property
     def usable_updates(self) -> list[UpdateReceived]:
@@ -213,7 +211,7 @@ def _weight_allowed(r: Round, e: UpdateReceived) -> Refusal | None:
 
 
 def _first_from_client(r: Round, e: UpdateReceived | Result) -> Refusal | None:
-    if e.client_id in r.reported_clients:
+    if e.client_id in r.reporters:
         return Refusal(Reason.DUPLICATE, f"client {e.client_id} already reported in this round")
     return None
 
@@ -291,16 +289,18 @@ def _stage(r: Round, e: ModelStaged) -> None:
 
 
 def _assign(r: Round, e: ClientsAssigned) -> None:
-    r.assigned = tuple(dict.fromkeys(e.client_ids))
+    r.assigned = frozenset(e.client_ids)
     r.deadline = e.deadline
 
 
 def _accept_update(r: Round, e: UpdateReceived) -> None:
     r.accepted[e.update_id] = e
+    r.reporters.add(e.client_id)
 
 
 def _record_result(r: Round, e: Result) -> None:
     r.results[e.client_id] = e
+    r.reporters.add(e.client_id)
 
 
 def _mark_unusable(r: Round, e: UpdateRejected) -> None:
