@@ -9,6 +9,7 @@ nothing downstream meets a value it cannot handle.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -64,8 +65,10 @@ class Invalid(ValueError):
         self.refusal = Refusal(reason, detail)
 
 
+@functools.lru_cache(maxsize=256)
 def config_problem(config: RoundConfig) -> str | None:
-    """Why a round config cannot run, or None. Checked where the config enters the log."""
+    """Why a round config cannot run, or None. Checked where the config enters the log, i.e.
+    on every round's request and assignment: a session's rounds repeat one config, parsed once."""
     timeout = config.round_timeout
     if not (math.isfinite(timeout) and 0 < timeout <= MAX_ROUND_TIMEOUT_S):
         return f"round_timeout must be > 0 and <= {MAX_ROUND_TIMEOUT_S:.0f} s (30 days), got {timeout}"
