@@ -114,15 +114,19 @@ class _Insert:
     binary (``%b``): psycopg's text format quotes every element with a regular expression.
     """
 
-    table: sa.Table
     sql: str
+    #: each column's name, and whether it is JSONB (its values are sent as JSON text)
+    columns: tuple[tuple[str, bool], ...]
 
     @classmethod
     def of(cls, table: sa.Table, conflict: str) -> _Insert:
         columns = [c for c in table.columns if c.name not in t.RECORDING_COLUMNS]
         names = ", ".join(f'"{c.name}"' for c in columns)
         arrays = ", ".join(f"%({c.name})b::{_array_type(c)}" for c in columns)
-        return cls(table, f"INSERT INTO {table.name} ({names}) SELECT * FROM unnest({arrays}) {conflict}")
+        return cls(
+            f"INSERT INTO {table.name} ({names}) SELECT * FROM unnest({arrays}) {conflict}",
+            tuple((c.name, isinstance(c.type, JSONB)) for c in columns),
+        )
 
     @classmethod
     def upsert(cls, table: sa.Table, *key: str, where: str = "", **overrides: str) -> _Insert:
@@ -142,13 +146,9 @@ class _Insert:
         if not rows:
             return
         params: dict[str, list[Any]] = {}
-        for c in self.table.columns:
-            if c.name in t.RECORDING_COLUMNS:
-                continue
-            values = [row[c.name] for row in rows]
-            if isinstance(c.type, JSONB):
-                values = [None if v is None else json_text(v) for v in values]
-            params[c.name] = values
+        for name, is_json in self.columns:
+            values = [row[name] for row in rows]
+            params[name] = [None if v is None else json_text(v) for v in values] if is_json else values
         await conn.execute(self.sql, params)
 
 

@@ -11,6 +11,7 @@ import hashlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
@@ -62,9 +63,8 @@ def log_time(timestamp_ms: int | None) -> datetime | None:
         return EPOCH
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One record of the events topic and what it decoded to."""
+class Entry(NamedTuple):
+    """One record of the events topic and what it decoded to (a tuple: one is made per record)."""
 
     partition: int
     offset: int
