@@ -92,8 +92,9 @@ def ref(key: str) -> TensorRef:
     )
 
 
-def session(n: int, rounds: int, clients: int) -> Iterator[Event]:
-    """One session, valid by construction: each round closes on its last assigned update."""
+def session(n: int, rounds: int, clients: int, population: int = 500) -> Iterator[Event]:
+    """One session, valid by construction: each round closes on its last assigned update. Its
+    clients are drawn from ``population`` names (more clients than that repeat names)."""
     sid = f"session-{n:06d}"
     ticks = iter(range(1, 10**6))
 
@@ -112,7 +113,7 @@ def session(n: int, rounds: int, clients: int) -> Iterator[Event]:
     )  # type: ignore[arg-type]
     for k in range(1, rounds + 1):
         rid = f"{sid}-r{k}"
-        names = tuple(f"client-{(n * 7 + k + i) % 500:03d}" for i in range(clients))
+        names = tuple(f"client-{(n * 7 + k + i) % population:03d}" for i in range(clients))
         yield RoundRequested(
             **stamp(),
             session_id=sid,
