@@ -9,7 +9,9 @@ on a 2-core machine), each with the CPU it cost:
 - projector: the same role started on the whole log already in the topics (a backlog), timed from
   the moment it has restored its partitions until it has caught up;
 - replay: ``roundlog replay``'s projection into a fresh schema, in one process and in one per core
-  (the diff after it is timed apart). ``--profile`` runs the one-process replay under cProfile.
+  (building the schema before it and the diff after it are timed apart; whatever of the worker
+  processes' start outlasts the schema's building counts). ``--profile`` runs the one-process
+  replay under cProfile.
 
 And two bounds measured in the same run, on the same records and rows: raw consume (aiokafka
 fetching every record of the log, decoding nothing) and raw COPY (PostgreSQL taking every row
