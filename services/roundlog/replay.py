@@ -142,14 +142,15 @@ async def replay(
         )
     if jobs is not None and jobs < 1:
         raise ValueError(f"jobs must be at least 1, not {jobs}")
+    jobs = jobs or os.cpu_count() or 1
     began = time.monotonic()
-    ends = await _high_water_marks(settings)
-    groups = share_out(ends, jobs or os.cpu_count() or 1)
-    if len(groups) > 1:
+    if jobs > 1:
         # The worker processes' interpreter starts and imports roundlog while the schema is built.
         await asyncio.to_thread(_warm_workers)
     await asyncio.to_thread(recreate_schema, settings.database_url, schema)
     report = ReplayReport(schema, live_schema)
+    ends = await _high_water_marks(settings)
+    groups = share_out(ends, jobs)
     started = time.monotonic()
     report.prepared_seconds = started - began
     if len(groups) <= 1:
