@@ -438,6 +438,12 @@ def db_downgrade(args: argparse.Namespace) -> int:
             help="processes that rebuild the partitions side by side (default: one per core)",
         ),
         arg(
+            "--logged",
+            action="store_true",
+            help="write the schema with WAL, so it survives a server crash and reaches replicas "
+            "(slower; by default its tables are UNLOGGED: rebuilt from the log, not recovered)",
+        ),
+        arg(
             "--verify-models",
             action="store_true",
             help="also re-fold every round and check each model's sha256",
@@ -465,6 +471,7 @@ def replay_command(args: argparse.Namespace) -> int:
                     args.live_schema,
                     args.limit,
                     args.jobs,
+                    args.logged,
                 )
             )
     except ValueError as exc:

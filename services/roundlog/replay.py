@@ -70,6 +70,8 @@ class TableDiff:
 class ReplayReport:
     schema: str
     live_schema: str
+    #: whether the replay's tables are crash-safe (WAL-logged) or UNLOGGED
+    logged: bool = False
     records: int = 0
     #: projecting, from the first record fetched to the last row committed
     seconds: float = 0.0
@@ -92,7 +94,8 @@ class ReplayReport:
     def render(self) -> str:
         rate = self.records / self.seconds if self.seconds else 0.0
         lines = [
-            f"replayed {self.records:,} records from {len(self.ends)} partitions into schema {self.schema!r} "
+            f"replayed {self.records:,} records from {len(self.ends)} partitions into "
+            f"{'' if self.logged else 'unlogged '}schema {self.schema!r} "
             f"in {self.seconds:.1f}s ({rate:,.0f} records/s; schema built in {self.prepared_seconds:.1f}s "
             f"before), compared with {self.live_schema!r}:"
         ]
@@ -130,11 +133,13 @@ async def replay(
     live_schema: str = "public",
     limit: int = 20,
     jobs: int | None = None,
+    logged: bool = False,
 ) -> ReplayReport:
     """Project the whole log into a fresh ``schema`` and compare it with ``live_schema``.
 
     ``jobs`` processes share the partitions (default: one per core, at most one per partition
-    that holds records); 1 projects in this process.
+    that holds records); 1 projects in this process. The schema's tables are UNLOGGED unless
+    ``logged``: a replay is rebuilt from the log, not recovered from WAL (``recreate_schema``).
     """
     if not (SCHEMA_NAME.fullmatch(schema) and SCHEMA_NAME.fullmatch(live_schema)) or schema == live_schema:
         raise ValueError(
@@ -147,8 +152,8 @@ async def replay(
     if jobs > 1:
         # The worker processes' interpreter starts and imports roundlog while the schema is built.
         await asyncio.to_thread(_warm_workers)
-    await asyncio.to_thread(recreate_schema, settings.database_url, schema)
-    report = ReplayReport(schema, live_schema)
+    await asyncio.to_thread(recreate_schema, settings.database_url, schema, logged)
+    report = ReplayReport(schema, live_schema, logged)
     ends = await _high_water_marks(settings)
     groups = share_out(ends, jobs)
     started = time.monotonic()

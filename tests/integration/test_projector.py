@@ -345,11 +345,19 @@ async def test_replay_is_identical_and_finds_a_tampered_row(
     report = await replay(settings, "audit")  # a process per core
     assert report.identical and not report.lagging, report.render()
     assert {t.table: t.live_rows for t in report.tables}["events"] > 100
-    # Processes sharing the partitions build what one process building them in turn builds.
-    sequential = await replay(settings, "sequential", jobs=1)
+    # Processes sharing the partitions build what one process building them in turn builds, and
+    # UNLOGGED tables (the default) hold what WAL-logged ones do.
+    sequential = await replay(settings, "sequential", jobs=1, logged=True)
     parallel = await replay(settings, "parallel", live_schema="sequential", jobs=3)
     assert parallel.identical, parallel.render()
     assert parallel.records == sequential.records == sum(sequential.ends.values())
+    persistence = await query(
+        settings,
+        "SELECT n.nspname, array_agg(DISTINCT c.relpersistence::text) FROM pg_class c "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname IN ('sequential', 'parallel') AND c.relkind IN ('r', 'i') GROUP BY n.nspname",
+    )
+    assert dict(persistence) == {"sequential": ["p"], "parallel": ["u"]}  # p: permanent, u: unlogged
 
     await execute(settings, "UPDATE rounds SET state = 'failed' WHERE round_id = 's1-r1'")
     for name, value in settings.env().items():
@@ -359,7 +367,7 @@ async def test_replay_is_identical_and_finds_a_tampered_row(
     assert await asyncio.to_thread(main, ["replay", "--schema", "audit"]) == 1
     out = capsys.readouterr().out
     assert "rounds" in out and 'round_id=s1-r1  state: live "failed"  replay' in out, out
-    assert "DIFFERENT" in out
+    assert "DIFFERENT" in out and "into unlogged schema 'audit'" in out
 
 
 async def test_database_errors_are_retried_and_nothing_is_skipped(
