@@ -27,7 +27,7 @@ from typing import Any
 
 import uvloop
 
-from roundlog.config import ConfigError, Settings
+from roundlog.config import ConfigError, Settings, database_url_from_env
 from roundlog.ui import DEFAULT_PORT
 
 Handler = Callable[[argparse.Namespace], int]
@@ -320,7 +320,7 @@ def demo(args: argparse.Namespace) -> int:
     with stack_settings(broker=args.broker, brokers=_broker_nodes(args)) as settings:
         status = run(settings, options)
         if args.ui:
-            _serve_dashboard(settings, "127.0.0.1", DEFAULT_PORT, _dashboard_token("127.0.0.1"))
+            _serve_dashboard(settings.database_url, "127.0.0.1", DEFAULT_PORT, _dashboard_token("127.0.0.1"))
         else:
             print(
                 f"dashboard of this run: `roundlog demo --ui` (http://127.0.0.1:{DEFAULT_PORT}/ once it "
@@ -396,9 +396,9 @@ _SCHEMA = arg(
 def db_upgrade(args: argparse.Namespace) -> int:
     from roundlog.projections.schema import current, upgrade
 
-    settings = Settings.from_env()
-    upgrade(settings.database_url, args.schema, args.to)
-    print(f"projection tables at revision {current(settings.database_url, args.schema)}")
+    database_url = database_url_from_env()
+    upgrade(database_url, args.schema, args.to)
+    print(f"projection tables at revision {current(database_url, args.schema)}")
     return 0
 
 
@@ -411,9 +411,9 @@ def db_upgrade(args: argparse.Namespace) -> int:
 def db_downgrade(args: argparse.Namespace) -> int:
     from roundlog.projections.schema import current, downgrade
 
-    settings = Settings.from_env()
-    downgrade(settings.database_url, args.to, args.schema)
-    print(f"projection tables at revision {current(settings.database_url, args.schema) or 'base'}")
+    database_url = database_url_from_env()
+    downgrade(database_url, args.to, args.schema)
+    print(f"projection tables at revision {current(database_url, args.schema) or 'base'}")
     return 0
 
 
@@ -1087,7 +1087,7 @@ def _print_session(console: Any, session: Any, rounds: Sequence[Any], metrics: S
 )
 def ui(args: argparse.Namespace) -> int:
     token = _dashboard_token(args.host)  # before the settings: a refusal needs no servers
-    _serve_dashboard(Settings.from_env(), args.host, args.port, token)
+    _serve_dashboard(database_url_from_env(), args.host, args.port, token)
     return 0
 
 
@@ -1103,14 +1103,14 @@ def _dashboard_token(host: str) -> str | None:
     return token
 
 
-def _serve_dashboard(settings: Settings, host: str, port: int, token: str | None) -> None:
-    """Serve the dashboard over ``settings``' database until Ctrl-C."""
+def _serve_dashboard(database_url: str, host: str, port: int, token: str | None) -> None:
+    """Serve the dashboard over the database until Ctrl-C."""
     import sqlalchemy as sa
     import uvicorn
 
     from roundlog.ui.app import create_app
 
-    engine = sa.create_engine(settings.database_url, pool_pre_ping=True)
+    engine = sa.create_engine(database_url, pool_pre_ping=True)
     try:
         with engine.connect() as conn:  # a wrong URL, or tables missing or out of date, fail here in one line
             conn.execute(

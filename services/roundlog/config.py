@@ -34,10 +34,20 @@ def sqlalchemy_url(url: str) -> str:
     return url
 
 
-def _check_addresses(bootstrap: str, database_url: str) -> None:
-    """Both server addresses must parse, so a malformed one is refused in one line, not deep in a client."""
-    import sqlalchemy as sa
+def _check_bootstrap(bootstrap: str) -> None:
+    """Server addresses must parse, so a malformed one is refused in one line, not deep in a client."""
     from aiokafka.conn import collect_hosts
+
+    try:
+        collect_hosts(bootstrap)
+    except ValueError:
+        raise ConfigError(
+            f"ROUNDLOG_KAFKA_BOOTSTRAP must be host:port[,host:port], not {bootstrap!r}"
+        ) from None
+
+
+def _check_database_url(database_url: str) -> None:
+    import sqlalchemy as sa
 
     try:
         url = sa.make_url(database_url)
@@ -49,12 +59,21 @@ def _check_addresses(bootstrap: str, database_url: str) -> None:
             "ROUNDLOG_DATABASE_URL must be a PostgreSQL URL, postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
             + shown
         )
-    try:
-        collect_hosts(bootstrap)
-    except ValueError:
+
+
+def database_url_from_env(environ: Mapping[str, str] | None = None) -> str:
+    """``ROUNDLOG_DATABASE_URL`` alone, checked: all that the commands which only touch the tables
+    (``db``, ``ui``) need, so they run where no broker is configured."""
+    env = os.environ if environ is None else environ
+    raw = env.get("ROUNDLOG_DATABASE_URL")
+    if not raw:
         raise ConfigError(
-            f"ROUNDLOG_KAFKA_BOOTSTRAP must be host:port[,host:port], not {bootstrap!r}"
-        ) from None
+            "ROUNDLOG_DATABASE_URL not set: export the line `roundlog up` prints, "
+            "or point it at a PostgreSQL database"
+        )
+    database_url = sqlalchemy_url(raw)
+    _check_database_url(database_url)
+    return database_url
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,8 +138,8 @@ class Settings:
                 f"ROUNDLOG_KAFKA_SECURITY_PROTOCOL must be one of {', '.join(SECURITY_PROTOCOLS)}, "
                 f"not {protocol!r}"
             )
-        database_url = sqlalchemy_url(env["ROUNDLOG_DATABASE_URL"])
-        _check_addresses(env["ROUNDLOG_KAFKA_BOOTSTRAP"], database_url)
+        database_url = database_url_from_env(env)
+        _check_bootstrap(env["ROUNDLOG_KAFKA_BOOTSTRAP"])
         instance_id = get("ROUNDLOG_INSTANCE_ID")
         if instance_id is not None and not INSTANCE_ID.fullmatch(instance_id):
             raise ConfigError(

@@ -222,8 +222,26 @@ async def test_a_malformed_server_address_is_one_line(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv(variable, value)
-    for argv in (("status",), ("topics", "create"), ("db", "upgrade")):
+    commands = [("status",), ("topics", "create")]
+    if variable == "ROUNDLOG_DATABASE_URL":  # the db commands read no other server's address
+        commands.append(("db", "upgrade"))
+    for argv in commands:
         await fails(capsys, *argv, words=words)
+
+
+@pytest.mark.parametrize(
+    "argv", [("db", "upgrade"), ("db", "downgrade", "--to", "base"), ("ui",)], ids=" ".join
+)
+async def test_commands_that_only_touch_the_tables_need_no_broker_address(
+    argv: tuple[str, ...],
+    nowhere: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.delenv("ROUNDLOG_KAFKA_BOOTSTRAP")
+    # They go on to the database (closed here) instead of asking for the broker's address.
+    await fails(capsys, *argv, words=("cannot connect to PostgreSQL", "ROUNDLOG_DATABASE_URL"))
+    await fails(capsys, "status", words=("ROUNDLOG_KAFKA_BOOTSTRAP not set",))
 
 
 @pytest.mark.parametrize(

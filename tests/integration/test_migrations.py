@@ -106,7 +106,7 @@ def test_a_schema_of_its_own_leaves_public_alone(database_url: str) -> None:
 
 
 def test_cli_db_upgrade_and_downgrade(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ROUNDLOG_KAFKA_BOOTSTRAP", "127.0.0.1:1")  # db commands never contact the broker
+    monkeypatch.delenv("ROUNDLOG_KAFKA_BOOTSTRAP", raising=False)  # db commands need only the database
     monkeypatch.setenv("ROUNDLOG_DATABASE_URL", database_url)
     assert main(["db", "upgrade"]) == 0
     assert current(database_url) == HEAD
