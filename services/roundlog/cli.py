@@ -441,7 +441,7 @@ def db_downgrade(args: argparse.Namespace) -> int:
             "--logged",
             action="store_true",
             help="write the schema with WAL, so it survives a server crash and reaches replicas "
-            "(slower; by default its tables are UNLOGGED: rebuilt from the log, not recovered)",
+            "(by default its tables are UNLOGGED: rebuilt from the log, not recovered)",
         ),
         arg(
             "--verify-models",
