@@ -478,9 +478,10 @@ async def bench(base: Settings, args: argparse.Namespace) -> None:
     # default (UNLOGGED tables) in one process, then in one per core as `roundlog replay` runs it
     # (its fork server starting cold), then with its fork server warm, WAL-logged (--logged) and
     # UNLOGGED again, so that those two compare on equal terms
+    cores = os.cpu_count() or 1
     runs = {
         "1 process, unlogged": (1, False),
-        "per core, unlogged, fork server cold": (cores := os.cpu_count() or 1, False),
+        "per core, unlogged, fork server cold": (cores, False),
         "per core, logged, fork server warm": (cores, True),
         "per core, unlogged, fork server warm": (cores, False),
     }
