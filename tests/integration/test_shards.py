@@ -128,8 +128,9 @@ async def check_session(settings: Settings, names: Topics, shards: int) -> list[
 
 
 def log_lines(log: Path) -> list[dict[str, Any]]:
-    """A process's JSON log lines (``role_process(..., log)``)."""
-    return [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    """A process's JSON log lines (``role_process(..., log)``), but a last one still being written."""
+    complete = log.read_text().split("\n")[:-1]
+    return [json.loads(line) for line in complete if line.startswith("{")]
 
 
 def shards_folded(log: Path, round_id: str | None = None) -> set[int]:
@@ -149,38 +150,33 @@ def reduced(log: Path, round_id: str) -> bool:
     )
 
 
-def events_holder(logs: Sequence[Path], partition: int) -> int:
-    """Which process (its index in ``logs``) holds events ``partition`` in the aggregator group: the
-    one that re-folded it last (an assignment re-folds every partition it gives, and every
-    rebalance gives every partition again)."""
-    refolds = [
-        (line["time"], index)
-        for index, log in enumerate(logs)
-        for line in log_lines(log)
-        if line.get("message", "").startswith("re-folded offsets") and line.get("partition") == partition
-    ]
-    assert refolds, f"no aggregator re-folded events partition {partition}"
-    return max(refolds)[1]
-
-
-def latest_holding(log: Path) -> set[int]:
-    """The tensors partitions a process's log last said it holds in the shard group."""
+def latest_holding(log: Path, topic: str) -> set[int]:
+    """The ``topic`` ("events" or "tensors") partitions a process's log last said it holds: in the
+    aggregator group and in the shard group."""
     held: set[int] = set()
-    for line in log.read_text().splitlines() if log.exists() else []:
-        message = json.loads(line).get("message", "") if line.startswith("{") else ""
-        if message.startswith("holding tensors partitions "):
-            held = set(json.loads(message.removeprefix("holding tensors partitions ").split(":")[0]))
+    prefix = f"holding {topic} partitions "
+    for line in log_lines(log) if log.exists() else []:
+        if (message := line.get("message", "")).startswith(prefix):
+            held = set(json.loads(message.removeprefix(prefix).split(":")[0]))
     return held
 
 
-async def shard_group_settled(logs: Sequence[Path], timeout: float = 60) -> None:
-    """Until every process holds a share of the tensors partitions and none holds one twice: a
-    process that joins the group first holds them all until the other's join rebalances it."""
+def events_holder(logs: Sequence[Path], partition: int) -> int:
+    """Which process (its index in ``logs``) holds events ``partition`` in the aggregator group."""
+    (holder,) = [index for index, log in enumerate(logs) if partition in latest_holding(log, "events")]
+    return holder
+
+
+async def groups_settled(logs: Sequence[Path], timeout: float = 60) -> None:
+    """Until, in the aggregator group and in the shard group, every process holds a share of the
+    partitions and none holds one twice: a process that joins a group first holds all its
+    partitions (and may reduce a round or fold both shards) until the other's join rebalances it."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while not (all(held := [latest_holding(log) for log in logs]) and not set.intersection(*held)):
-        assert loop.time() < deadline, f"the shard group did not settle: holdings {held}"
-        await asyncio.sleep(0.2)
+    for topic in ("events", "tensors"):
+        while not (all(held := [latest_holding(log, topic) for log in logs]) and not set.intersection(*held)):
+            assert loop.time() < deadline, f"the groups over {topic} did not settle: holdings {held}"
+            await asyncio.sleep(0.2)
 
 
 class LogWatch:
@@ -277,7 +273,7 @@ async def test_two_aggregator_processes_fold_one_rounds_two_shards(
         *(role_process(settings, "aggregator", log) for log in logs),
     ]
     try:
-        await shard_group_settled(logs)
+        await groups_settled(logs)
         async with clients(settings, 6):
             sessions = await start_sessions(settings, names, 1, rounds=ROUNDS, round_timeout=60, shards=2)
             await wait_until_finished(settings, names, set(sessions), timeout=180)
@@ -336,7 +332,7 @@ async def test_a_killed_aggregator_is_taken_over_and_each_round_reduces_once(
     coordinator = role_process(settings, "coordinator")
     aggregators = [role_process(settings, "aggregator", log) for log in logs]
     try:
-        await shard_group_settled(logs)
+        await groups_settled(logs)
         async with gated_clients(settings, CLIENTS) as gates, LogWatch(settings, names) as watch:
             (session,) = await start_sessions(
                 settings, names, 1, rounds=ROUNDS, round_timeout=90, shards=SHARDS
@@ -345,7 +341,7 @@ async def test_a_killed_aggregator_is_taken_over_and_each_round_reduces_once(
             await watch.until(in_round(RoundAggregated, first))
             reducer = await reducer_of(logs, first)
             other = 1 - reducer
-            holders = [latest_holding(log) for log in logs]
+            holders = [latest_holding(log, "tensors") for log in logs]
             held_shards = [
                 [k for k in range(SHARDS) if holder_partition(k, settings.partitions) in held]
                 for held in holders
@@ -367,7 +363,8 @@ async def test_a_killed_aggregator_is_taken_over_and_each_round_reduces_once(
                 victim, shard = await kill_the_reducer_before_its_reduce(
                     watch, aggregators, gates, second, shard_of_process, reducer
                 )
-                assert events_holder(logs, session_partition) == victim  # the killed one was the reducer
+                # its last word on the aggregator group: it still held the session (was the reducer)
+                assert session_partition in latest_holding(logs[victim], "events")
             await wait_until_finished(settings, names, {session}, timeout=240)
     finally:
         for process in aggregators:

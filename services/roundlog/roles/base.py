@@ -131,14 +131,17 @@ class FoldingRole(ConsumerRebalanceListener):
                 self.forget(tp.partition)
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        given = sorted(assigned)
         async with self.busy:
             try:
                 partitions = len(await self.reader_consumer.topic_partitions(self.topics.events))
-                for tp in assigned:
+                for tp in given:
                     await self._recover(tp, partitions)
             except Exception as error:
                 self.failure = error  # aiokafka logs and swallows a listener's error; the loop raises it
                 raise
+        # the whole assignment (rebalances are eager): which member holds what, for operators and tests
+        self.log.info("holding events partitions %s", [tp.partition for tp in given])
 
     async def _recover(self, tp: TopicPartition, partitions: int) -> None:
         """Re-fold a new partition (of the topic's ``partitions``) from its replay point to its end,
