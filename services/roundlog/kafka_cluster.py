@@ -122,6 +122,16 @@ def kafka_classpath() -> str:
     return saved.read_text().strip()
 
 
+def new_cluster_id(draw: Callable[[], uuid.UUID] = uuid.uuid4) -> str:
+    """A KRaft cluster id: a random UUID in URL-safe base64, as ``kafka-storage random-uuid`` spells
+    it. Like Kafka's own ``Uuid.randomUuid``, never one starting with "-", which the storage tool's
+    command line would take for an option: one id in 64 would fail the format."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(draw().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 @dataclass
 class Node:
     """One combined broker+controller JVM."""
@@ -181,7 +191,7 @@ class KafkaCluster:
         """Write each node's server.properties and format its storage, all nodes at once."""
         (self.root / "kafka-log4j2.properties").write_text(_LOG4J2)
         voters = ",".join(f"{n.node_id}@127.0.0.1:{n.controller_port}" for n in self.nodes)
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        cluster_id = new_cluster_id()
         formatting = []
         for node in self.nodes:
             node.home.mkdir(parents=True)

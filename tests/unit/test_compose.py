@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import yaml
 from roundlog import cli
 from roundlog.bus import TOPIC_MAX_MESSAGE_BYTES
 from roundlog.config import Settings
-from roundlog.kafka_cluster import KAFKA_VERSION, broker_settings
+from roundlog.kafka_cluster import KAFKA_VERSION, broker_settings, new_cluster_id
 
 COMPOSE = Path(__file__).resolve().parents[2] / "compose"
 ROLES = ("coordinator", "aggregator", "projector")
@@ -244,3 +245,13 @@ def test_init_waits_for_kafka_node_to_be_healthy(services: dict[str, dict[str, A
     health = services[node].get("healthcheck", {}).get("test", [])
     assert any("localhost:9092" in str(part) for part in health), health
     assert services["init"]["depends_on"].get(node) == {"condition": "service_healthy"}
+
+
+def test_a_new_cluster_id_never_starts_with_a_dash() -> None:
+    """The storage tool reads ``-t -Abc…`` as two options; a UUID whose first six bits are 62 spells
+    '-' first in URL-safe base64, so that draw is thrown away for the next one."""
+    dash_first = uuid.UUID(bytes=bytes([0b11111000]) + bytes(15))
+    plain = uuid.UUID(bytes=bytes(range(16)))
+    draws = iter([dash_first, dash_first, plain])
+    assert new_cluster_id(lambda: next(draws)) == "AAECAwQFBgcICQoLDA0ODw"
+    assert all(re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]{21}", new_cluster_id()) for _ in range(1000))
