@@ -163,8 +163,9 @@ def latest_holding(log: Path, topic: str) -> set[int]:
 
 def events_holder(logs: Sequence[Path], partition: int) -> int:
     """Which process (its index in ``logs``) holds events ``partition`` in the aggregator group."""
-    (holder,) = [index for index, log in enumerate(logs) if partition in latest_holding(log, "events")]
-    return holder
+    holders = [index for index, log in enumerate(logs) if partition in latest_holding(log, "events")]
+    assert len(holders) == 1, f"events partition {partition} is held by processes {holders}"
+    return holders[0]
 
 
 async def groups_settled(logs: Sequence[Path], timeout: float = 60) -> None:
